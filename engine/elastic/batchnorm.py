@@ -1,0 +1,76 @@
+"""ElasticBatchNorm2d: batch norm over the first C channels of shared parameters and statistics,
+with an optional fused activation (none / relu / h_swish)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from engine.elastic import backend
+from engine.elastic.activations import ACTIVATIONS, Activation, apply_activation
+from engine.elastic.utils import check_channels
+
+
+def batchnorm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
+                        running_var: torch.Tensor, training: bool, momentum: float, eps: float,
+                        act: str) -> torch.Tensor:
+    """Reference: F.batch_norm on the [:C] slices (C = x.shape[1]) then the activation.
+
+    In training, batch statistics over (N, H, W) normalise x and the running-stat slices are updated
+    in place: r <- (1 - momentum) r + momentum * stat (unbiased variance), as nn.BatchNorm2d does.
+    """
+    c = x.shape[1]
+    y = F.batch_norm(x, running_mean[:c], running_var[:c], weight[:c], bias[:c], training, momentum, eps)
+    return apply_activation(y, act)
+
+
+class ElasticBatchNorm2d(nn.Module):
+    """BatchNorm2d + activation over a channel prefix: (N, C, H, W), C <= max_features -> same shape.
+
+    `momentum` uses PyTorch's convention (weight of the new batch statistic).
+    """
+
+    def __init__(self, max_features: int, momentum: float = 0.1, eps: float = 1e-5, act: str = "none") -> None:
+        super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum={momentum} is outside [0, 1]")
+        self.max_features, self.momentum, self.eps, self.act = max_features, momentum, eps, act
+        self.weight = nn.Parameter(torch.ones(max_features))
+        self.bias = nn.Parameter(torch.zeros(max_features))
+        self.register_buffer("running_mean", torch.zeros(max_features))
+        self.register_buffer("running_var", torch.ones(max_features))
+
+    def reset_running_stats(self) -> None:
+        """Running mean to 0 and variance to 1 (before BN re-calibration)."""
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = check_channels("features", x.shape[1], self.max_features)
+        choice = backend.choose("batchnorm_act", x.device, {"triton": lambda: None})
+        if choice == "triton":
+            from engine.kernels.batchnorm import batchnorm_act
+
+            y, mean, var = batchnorm_act(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                         self.training, self.eps, self.act)
+            if self.training:
+                n = x.numel() // c
+                with torch.no_grad():
+                    self.running_mean[:c].lerp_(mean.detach(), self.momentum)
+                    self.running_var[:c].lerp_(var.detach() * (n / max(n - 1, 1)), self.momentum)
+            return y
+        return batchnorm_reference(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                   self.training, self.momentum, self.eps, self.act)
+
+    def export(self, features: int) -> nn.Module:
+        """nn.BatchNorm2d (followed by the activation, if any) holding copies of the [:C] slices."""
+        bn = nn.BatchNorm2d(features, eps=self.eps, momentum=self.momentum)
+        with torch.no_grad():
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(bn, name).copy_(getattr(self, name)[:features])
+        return bn if self.act == "none" else nn.Sequential(bn, Activation(self.act))
+
+    def extra_repr(self) -> str:
+        return f"max_features={self.max_features}, momentum={self.momentum}, eps={self.eps}, act={self.act}"

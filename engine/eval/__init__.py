@@ -1,0 +1,1 @@
+"""Evaluation: BN re-calibration, subnet accuracy, Pareto report."""

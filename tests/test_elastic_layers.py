@@ -1,0 +1,167 @@
+"""Reference elastic layers against plain torch layers built on copied slices."""
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from engine.elastic import (ElasticBatchNorm2d, ElasticConv2d, ElasticDepthwiseConv2d, ElasticLinear, ElasticSE,
+                            apply_activation)
+from engine.elastic.se import se_mid_channels
+
+SEEDS = range(4)
+
+
+def _outside_is_zero(grad: torch.Tensor, region: tuple) -> bool:
+    rest = grad.clone()
+    rest[region] = 0
+    return bool((rest == 0).all())
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("k,stride", [(1, 1), (3, 2), (3, 1)])
+def test_conv_matches_plain_conv_on_slice(seed, k, stride):
+    g = torch.Generator().manual_seed(seed)
+    layer = ElasticConv2d(13, 17, k, stride, bias=True)
+    nn.init.normal_(layer.bias)
+    cin, cout = int(torch.randint(1, 14, (1,), generator=g)), int(torch.randint(1, 18, (1,), generator=g))
+    layer.set_active(cout)
+    x = torch.randn(3, cin, 9, 7, generator=g, requires_grad=True)
+    plain = nn.Conv2d(cin, cout, k, stride, k // 2)
+    with torch.no_grad():
+        plain.weight.copy_(layer.weight[:cout, :cin]); plain.bias.copy_(layer.bias[:cout])
+    x2 = x.detach().clone().requires_grad_()
+    y, y2 = layer(x), plain(x2)
+    torch.testing.assert_close(y, y2)
+    dy = torch.randn_like(y)
+    y.backward(dy); y2.backward(dy)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(layer.weight.grad[:cout, :cin], plain.weight.grad)
+    assert _outside_is_zero(layer.weight.grad, (slice(0, cout), slice(0, cin)))
+    torch.testing.assert_close(layer.bias.grad[:cout], plain.bias.grad)
+    assert _outside_is_zero(layer.bias.grad, (slice(0, cout),))
+
+
+def _independent_filter(weight, transforms, c, k):
+    """Filter by explicit crops and matrix-vector products, one channel at a time."""
+    out = []
+    for ch in range(c):
+        f = weight[ch, 0]
+        size = f.shape[-1]
+        while size > k:
+            dst = size - 2
+            vec = f[1:-1, 1:-1].reshape(-1)
+            f = (transforms[f"{size}to{dst}"] @ vec).reshape(dst, dst)
+            size = dst
+        out.append(f)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("k", [3, 5, 7])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_matches_plain_conv(seed, k, stride):
+    g = torch.Generator().manual_seed(seed)
+    layer = ElasticDepthwiseConv2d(11, (3, 5, 7), stride)
+    with torch.no_grad():  # random transforms so the chain is really exercised
+        for p in layer.transforms.values():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    c = int(torch.randint(1, 12, (1,), generator=g))
+    layer.set_active(k)
+    x = torch.randn(2, c, 10, 9, generator=g, requires_grad=True)
+    filt = _independent_filter(layer.weight.detach(), {n: p.detach() for n, p in layer.transforms.items()}, c, k)
+    plain = nn.Conv2d(c, c, k, stride, k // 2, groups=c, bias=False)
+    with torch.no_grad():
+        plain.weight.copy_(filt.unsqueeze(1))
+    y = layer(x)
+    torch.testing.assert_close(y, plain(x))
+    y.backward(torch.randn_like(y))
+    # gradient lands in the first c channels; k < 7 reads only the 5x5 centre (the 7->5 crop)
+    lo, hi = (0, 7) if k == 7 else (1, 6)
+    assert _outside_is_zero(layer.weight.grad, (slice(0, c), slice(None), slice(lo, hi), slice(lo, hi)))
+    assert layer.weight.grad[:c].abs().sum() > 0
+    for name, p in layer.transforms.items():
+        used = int(name.split("to")[1]) >= k
+        assert (p.grad is not None and p.grad.abs().sum() > 0) == used, name
+
+
+def test_depthwise_transform_identity_is_centre_crop():
+    layer = ElasticDepthwiseConv2d(5, (3, 5, 7))
+    for k in (3, 5):
+        s = (7 - k) // 2
+        layer.set_active(k)
+        torch.testing.assert_close(layer.active_filter(5), layer.weight[:, 0, s:s + k, s:s + k])
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("act", ["none", "relu", "h_swish"])
+def test_batchnorm_matches_plain_bn(seed, act):
+    g = torch.Generator().manual_seed(seed)
+    layer = ElasticBatchNorm2d(19, momentum=0.3, act=act)
+    with torch.no_grad():
+        layer.weight.normal_(generator=g); layer.bias.normal_(generator=g)
+        layer.running_mean.normal_(generator=g); layer.running_var.uniform_(0.5, 2.0, generator=g)
+    before_mean, before_var = layer.running_mean.clone(), layer.running_var.clone()
+    c = int(torch.randint(1, 20, (1,), generator=g))
+    plain = nn.BatchNorm2d(c, momentum=0.3)
+    with torch.no_grad():
+        for n in ("weight", "bias", "running_mean", "running_var"):
+            getattr(plain, n).copy_(getattr(layer, n)[:c])
+    x = (torch.randn(4, c, 5, 3, generator=g) * 3 + 1).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    y, y2 = layer(x), apply_activation(plain(x2), act)
+    torch.testing.assert_close(y, y2)
+    dy = torch.randn_like(y)
+    y.backward(dy); y2.backward(dy)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(layer.weight.grad[:c], plain.weight.grad)
+    torch.testing.assert_close(layer.bias.grad[:c], plain.bias.grad)
+    assert _outside_is_zero(layer.weight.grad, (slice(0, c),))
+    torch.testing.assert_close(layer.running_mean[:c], plain.running_mean)
+    torch.testing.assert_close(layer.running_var[:c], plain.running_var)
+    torch.testing.assert_close(layer.running_mean[c:], before_mean[c:])
+    torch.testing.assert_close(layer.running_var[c:], before_var[c:])
+    layer.eval(); plain.eval()
+    torch.testing.assert_close(layer(x), apply_activation(plain(x), act))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_linear_matches_plain_linear(seed):
+    g = torch.Generator().manual_seed(seed)
+    layer = ElasticLinear(23, 11)
+    i, o = int(torch.randint(1, 24, (1,), generator=g)), int(torch.randint(1, 12, (1,), generator=g))
+    layer.set_active(o)
+    x = torch.randn(5, i, generator=g)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight[:o, :i].detach().clone(), layer.bias[:o].detach()))
+    layer(x).sum().backward()
+    assert _outside_is_zero(layer.weight.grad, (slice(0, o), slice(0, i)))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_se_matches_independent_computation(seed):
+    g = torch.Generator().manual_seed(seed)
+    layer = ElasticSE(48)
+    c = int(torch.randint(8, 49, (1,), generator=g))
+    x = torch.randn(2, c, 4, 5, generator=g)
+    mid = se_mid_channels(c)
+    assert mid % 8 == 0
+    w1, b1 = layer.reduce.weight[:mid, :c].detach(), layer.reduce.bias[:mid].detach()
+    w2, b2 = layer.expand.weight[:c, :mid].detach(), layer.expand.bias[:c].detach()
+    s = x.mean((2, 3))
+    gate = F.hardsigmoid(F.relu(s @ w1.T + b1) @ w2.T + b2)
+    torch.testing.assert_close(layer(x), x * gate[:, :, None, None])
+    torch.testing.assert_close(layer.export(c)(x), x * gate[:, :, None, None])
+
+
+def test_bad_settings_raise_value_error():
+    with pytest.raises(ValueError, match="4"):
+        ElasticDepthwiseConv2d(8).set_active(4)
+    with pytest.raises(ValueError, match="9"):
+        ElasticConv2d(8, 8).set_active(9)
+    with pytest.raises(ValueError, match="12"):
+        ElasticConv2d(8, 8)(torch.randn(1, 12, 3, 3))
+    with pytest.raises(ValueError, match="20"):
+        ElasticBatchNorm2d(16)(torch.randn(2, 20, 3, 3))
+    with pytest.raises(ValueError, match="swish"):
+        ElasticBatchNorm2d(16, act="swish")
+    with pytest.raises(ValueError, match="3"):
+        ElasticDepthwiseConv2d(8, stride=3)
