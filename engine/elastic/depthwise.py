@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -12,7 +12,7 @@ from engine.elastic import backend
 from engine.elastic.utils import check_channels, check_choice
 
 
-def transformed_filter(weight: torch.Tensor, transforms: dict[str, torch.Tensor],
+def transformed_filter(weight: torch.Tensor, transforms: Mapping[str, torch.Tensor],
                        kernel_sizes: Sequence[int], channels: int, kernel_size: int) -> torch.Tensor:
     """The active depthwise filter, (channels, k, k).
 
@@ -68,7 +68,7 @@ class ElasticDepthwiseConv2d(nn.Module):
 
     def active_filter(self, channels: int) -> torch.Tensor:
         """(channels, k, k) filter of the active kernel size."""
-        return transformed_filter(self.weight, dict(self.transforms), self.kernel_sizes, channels,
+        return transformed_filter(self.weight, self.transforms, self.kernel_sizes, channels,
                                   self.active_kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

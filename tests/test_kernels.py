@@ -1,0 +1,165 @@
+"""Triton kernels against the PyTorch references (TRITON_INTERPRET=1 on CPU; real GPU when present).
+
+Fresh random inputs, awkward shapes (primes, non-multiples of the block sizes, active slices below
+the maximum), every kernel size and stride, outputs poisoned with NaN so an unwritten element fails.
+"""
+import pytest
+import torch
+
+import engine.kernels.batchnorm as kbn
+import engine.kernels.depthwise as kdw
+import engine.kernels.pointwise as kpw
+from engine.elastic.batchnorm import batchnorm_reference
+from engine.elastic.conv import conv2d_reference
+from engine.elastic.depthwise import depthwise_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+RTOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    from engine.kernels import common
+
+    def poisoned(n, c, h, w, like):
+        return common.empty_nchw_channels_last(n, c, h, w, like).fill_(float("nan"))
+
+    for mod in (kbn, kdw, kpw):
+        monkeypatch.setattr(mod, "empty_nchw_channels_last", poisoned)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert not torch.isnan(a).any(), "unwritten (NaN-poisoned) or NaN output"
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _grads(y, inputs, dy):
+    return torch.autograd.grad(y, inputs, dy)
+
+
+@pytest.mark.parametrize("n,h,w,max_in,max_out,cin,cout,bias", [
+    (2, 5, 7, 29, 37, 19, 23, True), (1, 3, 3, 16, 16, 16, 16, False), (3, 1, 1, 67, 71, 67, 5, True),
+    (2, 11, 13, 40, 24, 33, 17, False),
+])
+def test_pointwise_conv(n, h, w, max_in, max_out, cin, cout, bias):
+    weight = torch.randn(max_out, max_in, 1, 1, device=DEVICE, requires_grad=True)
+    b = torch.randn(max_out, device=DEVICE, requires_grad=True) if bias else None
+    x = torch.randn(n, cin, h, w, device=DEVICE).to(memory_format=torch.channels_last).requires_grad_()
+    y = kpw.pointwise_conv(x, weight, b, cout)
+    ref = conv2d_reference(x, weight, b, cout, 1)
+    assert rel_err(y, ref) < RTOL
+    dy = torch.randn_like(ref)
+    inputs = (x, weight) + ((b,) if bias else ())
+    for got, want in zip(_grads(y, inputs, dy), _grads(ref, inputs, dy)):
+        assert rel_err(got, want) < RTOL
+
+
+@pytest.mark.parametrize("k", [3, 5, 7])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("n,c,h,w,max_c", [(2, 19, 9, 7, 37), (1, 33, 6, 5, 33), (3, 5, 1, 4, 8)])
+def test_depthwise_conv(k, stride, n, c, h, w, max_c):
+    weight = torch.randn(max_c, 1, 7, 7, device=DEVICE, requires_grad=True)
+    s = (7 - k) // 2
+    filt = weight[:c, 0, s:s + k, s:s + k]                      # strided view, read in place
+    x = torch.randn(n, c, h, w, device=DEVICE).to(memory_format=torch.channels_last).requires_grad_()
+    y = kdw.depthwise_conv(x, filt, stride)
+    ref = depthwise_reference(x, filt, stride)
+    assert y.shape == ref.shape
+    assert rel_err(y, ref) < RTOL
+    dy = torch.randn_like(ref)
+    for got, want in zip(_grads(y, (x, weight), dy), _grads(ref, (x, weight), dy)):
+        assert rel_err(got, want) < RTOL
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "h_swish"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("n,c,h,w,max_c", [(3, 19, 5, 7, 37), (2, 64, 3, 3, 64), (4, 3, 1, 1, 9), (1, 70, 9, 8, 96)])
+def test_batchnorm_act(act, training, n, c, h, w, max_c):
+    weight = torch.randn(max_c, device=DEVICE, requires_grad=True)
+    bias = torch.randn(max_c, device=DEVICE, requires_grad=True)
+    rm, rv = torch.randn(max_c, device=DEVICE), torch.rand(max_c, device=DEVICE) + 0.5
+    x = (torch.randn(n, c, h, w, device=DEVICE) * 2 + 1).to(memory_format=torch.channels_last).requires_grad_()
+    y, mean, var = kbn.batchnorm_act(x, weight, bias, rm, rv, training, 1e-5, act)
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    ref = batchnorm_reference(x, weight, bias, rm_ref, rv_ref, training, 0.1, 1e-5, act)
+    assert rel_err(y, ref) < RTOL
+    if training:
+        assert rel_err(mean, x.detach().mean((0, 2, 3))) < RTOL
+        assert rel_err(var, x.detach().var((0, 2, 3), unbiased=False)) < RTOL
+    dy = torch.randn_like(ref)
+    for got, want in zip(_grads(y, (x, weight, bias), dy), _grads(ref, (x, weight, bias), dy)):
+        assert rel_err(got, want) < RTOL
+
+
+def test_ops_pass_opcheck():
+    """Schema, fake (meta) kernels and autograd registration, as torch.compile relies on them."""
+    x = torch.randn(2, 6, 5, 4, device=DEVICE).to(memory_format=torch.channels_last)
+    w = torch.randn(9, 8, 1, 1, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(kpw._pointwise_conv, (x.requires_grad_(), w, None, 5))
+    f = torch.randn(6, 5, 5, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(kdw._depthwise_conv, (x, f, 2))
+    g, b = torch.randn(8, device=DEVICE, requires_grad=True), torch.randn(8, device=DEVICE, requires_grad=True)
+    rm, rv = torch.zeros(8, device=DEVICE), torch.ones(8, device=DEVICE)
+    torch.library.opcheck(kbn._batchnorm_act, (x, g, b, rm, rv, True, 1e-5, "h_swish"))
+
+
+def test_elastic_layers_compile_without_graph_breaks():
+    from engine.elastic import use_backend
+    from engine.supernet.blocks import MBConvBlock
+
+    block = MBConvBlock(8, 8, (3, 5, 7), (3, 4, 6), 1, "h_swish", True).to(DEVICE)
+    block.set_active(5, 4)
+    x = torch.randn(2, 8, 6, 6, device=DEVICE).to(memory_format=torch.channels_last)
+    with use_backend("triton"):
+        eager = block(x)
+        compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+        out = compiled(x)
+        out.sum().backward()
+    assert rel_err(out, eager) < RTOL
+
+
+def test_backend_switch_falls_back_and_errors(caplog):
+    from engine.elastic import ElasticConv2d, backend, set_backend
+
+    with pytest.raises(ValueError, match="bogus"):
+        set_backend("bogus")
+    if not backend.availability("cuda")[0]:
+        with pytest.raises(RuntimeError, match="not available"):
+            set_backend("cuda")
+    set_backend("triton")
+    conv = ElasticConv2d(4, 4, kernel_size=3).to(DEVICE)
+    with caplog.at_level("WARNING", logger="engine.backend"):
+        y = conv(torch.randn(1, 4, 5, 5, device=DEVICE))
+    assert y.shape == (1, 4, 5, 5)
+    assert "kernel 3" in caplog.text
+
+
+def test_supernet_on_triton_matches_torch_reference():
+    """A sampled subnet's loss, every gradient and every running statistic, fast path vs reference."""
+    import copy
+
+    from engine.elastic import use_backend
+    from engine.supernet import ofa_mobilenetv3
+
+    ref_model = ofa_mobilenetv3("cifar", num_classes=5, dropout=0.0).to(DEVICE)
+    ref_model.set_min_net()
+    cfg = ref_model.active_config()             # small (the interpreter is slow) but every kernel size
+    cfg["ks"][0], cfg["e"][0], cfg["ks"][4], cfg["e"][4] = 7, 6, 5, 4
+    ref_model.set_active_subnet(cfg)
+    fast_model = copy.deepcopy(ref_model)
+    x = torch.randn(2, 3, 12, 12, device=DEVICE).to(memory_format=torch.channels_last)  # BN needs >1 value
+    for model, name in ((ref_model, "torch"), (fast_model, "triton")):
+        with use_backend(name):
+            model(x).square().mean().backward()
+    for (name, p), q in zip(ref_model.named_parameters(), fast_model.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert _close(q.grad, p.grad, 1e-3), name
+    for (name, b), c in zip(ref_model.named_buffers(), fast_model.buffers()):
+        assert _close(c, b, RTOL), name
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> bool:
+    """Max-norm closeness with a floor: some values are zero in theory (a BN bias feeding a BN, the
+    mean of a zero-mean input) and come out as rounding noise on both paths."""
+    return bool((got - want).abs().max() <= rtol * want.abs().max() + 1e-6)
