@@ -24,3 +24,15 @@ def test_throughput_smoke(tmp_path, monkeypatch, capsys):
 def test_layers_smoke(capsys):
     assert layers.main(["--device", "cpu", "--batch", "1", "--no-save"]) == 0
     assert "dw_k7_s1_96ch_56px" in capsys.readouterr().out
+
+
+def test_loader_throughput_smoke(capsys):
+    import pytest
+
+    pytest.importorskip("nvidia.dali")
+    from bench import loader_throughput
+
+    assert loader_throughput.main(["--images", "16", "--batch", "8", "--epochs", "1", "--workers", "1",
+                                   "--no-save"]) == 0
+    out = capsys.readouterr().out
+    assert "imagefolder_224px" in out and "arrays_32px" in out

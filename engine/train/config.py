@@ -45,7 +45,8 @@ class TrainConfig:
     random_erase: float = 0.0
     amp: bool = False                    # bf16 autocast where supported, else fp16 + GradScaler
     channels_last: bool = False
-    dali: bool = False
+    dali: bool = False                   # DALI pipeline (GPU decode; CPU operators without a GPU)
+    skip_corrupt: bool = False           # with --dali: verify files, skip and count unreadable ones
     sandwich: str = "sequential"         # sequential | batched
     backend: str = "auto"                # elastic-layer backend: auto | torch | triton | cuda
     out: str | None = None               # default runs/<method>-<dataset>

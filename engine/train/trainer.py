@@ -1,6 +1,7 @@
 """The training loop: teacher phase, sandwich phase, checkpoints, logs, final evaluation."""
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import signal
@@ -74,19 +75,16 @@ def run(cfg: TrainConfig) -> dict:
     rank, world, local_rank = init_distributed()
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     set_backend(cfg.backend)
-    if cfg.dali:
-        raise NotImplementedError("--dali: the DALI pipeline has not landed yet; run without --dali "
-                                  "(the torchvision loader)")
     if cfg.sandwich == "batched":
         raise NotImplementedError("--sandwich batched has not landed yet; use --sandwich sequential")
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
     data = load_data(cfg.dataset, cfg.data, cfg.resolution, cfg.seed, cfg.auto_augment, cfg.random_erase)
+    epoch_batches, val_loader, spe = _loaders(cfg, data, device, rank, world)
     torch.manual_seed(cfg.seed)                    # same initial weights on every rank and every run
     model = build_model(cfg, data.num_classes).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    spe = steps_per_epoch(data, cfg.batch_size, world)
     total = spe * cfg.epochs
     base_lr = cfg.lr * cfg.batch_size * world / 128
     optimizer = torch.optim.SGD(_param_groups(model, cfg.weight_decay), lr=base_lr, momentum=cfg.momentum,
@@ -131,7 +129,6 @@ def run(cfg: TrainConfig) -> dict:
     stop = _Stop()
     stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
     run_start, elapsed_before = time.perf_counter(), 0.0
-    val_loader = shard_loader(data.val, 256, rank, world, cfg.workers)
     max_cfg = arch.max_config(model.spec, model.n_stages)
     monitor_calib = calibration_batches(data, min(cfg.calib_images, 512), 256, device, cfg.channels_last)
     summary: dict = {"interrupted": False}
@@ -140,8 +137,7 @@ def run(cfg: TrainConfig) -> dict:
             epoch, in_epoch = divmod(step, spe)
             bar = _progress(cfg.progress and rank == 0, spe, in_epoch, f"epoch {epoch}")
             timer = Timer()
-            for images, labels in train_loader(data, cfg.batch_size, epoch, cfg.seed, rank, world, in_epoch,
-                                               cfg.workers):
+            for images, labels in epoch_batches(epoch, in_epoch):
                 if step >= stop_at or stop.requested:
                     break
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -208,6 +204,36 @@ def run(cfg: TrainConfig) -> dict:
     if world > 1 and dist.is_initialized():
         dist.barrier()
     return summary
+
+
+def _loaders(cfg: TrainConfig, data, device: torch.device, rank: int, world: int):
+    """(epoch_batches(epoch, skip) -> iterable of (images, labels), val loader, steps per epoch)."""
+    if not cfg.dali:
+        def epoch_batches(epoch: int, skip: int):
+            return train_loader(data, cfg.batch_size, epoch, cfg.seed, rank, world, skip, cfg.workers)
+
+        return (epoch_batches, shard_loader(data.val, 256, rank, world, cfg.workers),
+                steps_per_epoch(data, cfg.batch_size, world))
+    from engine.data.dali import DaliLoader, dali_available
+
+    ok, why = dali_available()
+    if not ok:
+        raise ValueError(f"--dali: {why}")
+    device_id = device.index if device.type == "cuda" else None
+    common = dict(kind=data.kind, resolution=data.resolution, seed=cfg.seed, rank=rank, world=world,
+                  device_id=device_id, skip_corrupt=cfg.skip_corrupt)
+    train = DaliLoader(data.train.base, cfg.batch_size, True, auto_augment=cfg.auto_augment, **common)
+    val = DaliLoader(data.val.base, 256, False, **common)
+    if cfg.random_erase:
+        log.warning("--dali: random erasing is not part of the DALI pipeline; it is applied only by the "
+                    "torchvision loader")
+
+    def epoch_batches(epoch: int, skip: int):
+        # DALI cannot seek: a mid-epoch resume reads and drops the batches already trained on (their
+        # augmentations, unlike the torchvision loader's, are not reproduced bit for bit)
+        return itertools.islice(iter(train), skip, None)
+
+    return epoch_batches, val, len(train)
 
 
 def _hours(logger: RunLogger, plan, spe: int, step: int, total: int, cfg: TrainConfig, elapsed: float) -> dict:
