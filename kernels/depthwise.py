@@ -24,14 +24,18 @@ BLOCK_P, BLOCK_C = 32, 32
 
 
 @triton.jit
+def _pixels(p, H, W):
+    """Split a flat NHW pixel index into (n, h, w)."""
+    return p // (W * H), (p // W) % H, p % W
+
+
+@triton.jit
 def _dw_forward_kernel(x_ptr, f_ptr, y_ptr, N, H, W, C, OH, OW, s_fc, s_fh, s_fw,
                        K: tl.constexpr, STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)        # output pixel index in N*OH*OW
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     pm, cm = p < N * OH * OW, c < C
-    ow = p % OW
-    oh = (p // OW) % OH
-    n = p // (OW * OH)
+    n, oh, ow = _pixels(p, OH, OW)
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for kh in tl.static_range(K):
         ih = oh * STRIDE - K // 2 + kh
@@ -51,9 +55,7 @@ def _dw_grad_input_kernel(gy_ptr, f_ptr, gx_ptr, N, H, W, C, OH, OW, s_fc, s_fh,
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)        # input pixel index in N*H*W
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     pm, cm = p < N * H * W, c < C
-    iw = p % W
-    ih = (p // W) % H
-    n = p // (W * H)
+    n, ih, iw = _pixels(p, H, W)
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for kh in tl.static_range(K):
         th = ih + K // 2 - kh                                     # = oh * STRIDE when a tap hits
@@ -86,9 +88,7 @@ def _dw_grad_filter_kernel(x_ptr, gy_ptr, part_ptr, N, H, W, C, OH, OW, p_per_sp
     for p0 in range(p_lo, p_hi, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         pm = p < p_hi
-        ow = p % OW
-        oh = (p // OW) % OH
-        n = p // (OW * OH)
+        n, oh, ow = _pixels(p, OH, OW)
         g = tl.load(gy_ptr + p[:, None] * C + c[None, :], mask=pm[:, None] & cm[None, :], other=0.0).to(tl.float32)
         for kh in tl.static_range(K):
             ih = oh * STRIDE - K // 2 + kh

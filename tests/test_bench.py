@@ -16,8 +16,8 @@ def test_throughput_smoke(tmp_path, monkeypatch, capsys):
     phases = {r["phase"]: r for r in payload["rows"]}
     assert set(phases) == {"teacher", "shrink"} and phases["shrink"]["subnets"] == 3
     for row in payload["rows"]:
-        assert row["ours"]["images_per_s"] > 0 and row["reference"]["images_per_s"] > 0
-        assert "not available" in row["batched"]["status"]
+        for variant in ("reference", "ours", "batched"):
+            assert row[variant]["images_per_s"] > 0
     assert payload["projected_hours"]["cifar10"]["ours"] > 0
 
 

@@ -18,6 +18,17 @@ RTOL = 1e-4
 
 
 @pytest.fixture(autouse=True)
+def strict_fp32():
+    """fp32 means fp32 on a GPU too (cuDNN convolutions and Triton dots default to TF32 there)."""
+    previous = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.set_float32_matmul_precision(previous[0])
+    torch.backends.cudnn.allow_tf32 = previous[1]
+
+
+@pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     from engine.kernels import common
 
@@ -89,6 +100,31 @@ def test_batchnorm_act(act, training, n, c, h, w, max_c):
     dy = torch.randn_like(ref)
     for got, want in zip(_grads(y, (x, weight, bias), dy), _grads(ref, (x, weight, bias), dy)):
         assert rel_err(got, want) < RTOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["pointwise", "depthwise", "batchnorm"])
+def test_bf16_kernels_on_gpu(op):
+    """bf16 (GPU only: the interpreter has no bf16): |ours - fp32 ref| <= 2 |torch bf16 - fp32 ref| + atol."""
+    x32 = torch.randn(8, 45, 14, 13, device="cuda").to(memory_format=torch.channels_last)
+    if op == "pointwise":
+        w = torch.randn(70, 64, 1, 1, device="cuda") / 8
+        run = lambda x, wt: kpw.pointwise_conv(x, wt, None, 51)  # noqa: E731
+        ref = lambda x, wt: conv2d_reference(x, wt, None, 51, 1)  # noqa: E731
+    elif op == "depthwise":
+        w = torch.randn(64, 1, 7, 7, device="cuda") / 7
+        run = lambda x, wt: kdw.depthwise_conv(x, wt[:45, 0, 1:6, 1:6], 2)  # noqa: E731
+        ref = lambda x, wt: depthwise_reference(x, wt[:45, 0, 1:6, 1:6], 2)  # noqa: E731
+    else:
+        w = torch.randn(64, device="cuda")
+        b, rm, rv = torch.randn(64, device="cuda"), torch.zeros(64, device="cuda"), torch.ones(64, device="cuda")
+        run = lambda x, wt: kbn.batchnorm_act(x, wt, b, rm, rv, True, 1e-5, "h_swish")[0]  # noqa: E731
+        ref = lambda x, wt: batchnorm_reference(x, wt, b.to(wt.dtype), rm.to(wt.dtype), rv.to(wt.dtype),  # noqa: E731
+                                                True, 0.1, 1e-5, "h_swish")
+    out_ref = ref(x32.double(), w.double())
+    out = run(x32.bfloat16(), w.bfloat16() if op != "batchnorm" else w).double()
+    out_pt = ref(x32.bfloat16(), w.bfloat16() if op != "batchnorm" else w).double()
+    assert (out - out_ref).abs().max() <= 2 * (out_pt - out_ref).abs().max() + 1e-2
 
 
 def test_ops_pass_opcheck():

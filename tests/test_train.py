@@ -95,11 +95,13 @@ def test_dali_training_runs(tmp_path):
     assert _model_state(out)["step"] == 3
 
 
-def test_ddp_two_ranks_hold_identical_weights(tmp_path):
+@pytest.mark.parametrize("sandwich", ["sequential", "batched"])
+def test_ddp_two_ranks_hold_identical_weights(tmp_path, sandwich):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "engine.train", *TINY, "--batch-size", "64", "--out", str(out), "--max-steps", "14"]
+           "engine.train", *TINY, "--batch-size", "64", "--out", str(out), "--max-steps", "14",
+           "--sandwich", sandwich]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     check = json.loads((out / "ddp_check.json").read_text())

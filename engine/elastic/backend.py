@@ -11,6 +11,7 @@ that once per (op, reason).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 import os
@@ -31,8 +32,9 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=None)
 def availability(name: str) -> tuple[bool, str]:
-    """(available, why) for a backend name; `why` explains a missing backend."""
+    """(available, why) for a backend name; `why` explains a missing backend. Cached: asked per call."""
     if name == "torch":
         return True, "reference PyTorch ops"
     if name == "triton":
@@ -113,7 +115,9 @@ def choose(op: str, device: torch.device, limits: dict[str, Callable[[], str | N
             if requested != "auto":
                 _note_fallback(op, name, f"tensors on {device.type}")
             continue
-        if name == "cuda" and not availability("cuda")[0]:
+        # (not re-checked while torch.compile traces: the probe imports modules, which dynamo cannot
+        # trace, and an explicitly requested backend was already checked by set_backend)
+        if not torch.compiler.is_compiling() and not availability(name)[0]:
             continue
         reason = limits[name]()
         if reason is None:

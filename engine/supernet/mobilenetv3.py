@@ -1,8 +1,6 @@
 """OFAMobileNetV3: the weight-shared supernet (224-px ImageNet and 32-px CIFAR variants)."""
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -121,9 +119,6 @@ class OFAMobileNetV3(nn.Module):
         """Sort each block's expanded channels by importance (before width shrinking starts)."""
         for block in self.blocks:
             block.reorganize_channels(optimizer)
-
-    def clone_spec(self) -> arch.SupernetSpec:
-        return copy.deepcopy(self.spec)
 
 
 def ofa_mobilenetv3(variant: str = "imagenet", width_mult: float = 1.0, **kwargs) -> OFAMobileNetV3:

@@ -13,11 +13,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = parse_config(argv)
-        summary = run(cfg)
+        run(cfg)
     except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, NotImplementedError) as err:
         logging.getLogger("engine.train").error("%s", err)
         return 2
-    return 0 if summary is not None else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ class TrainConfig:
     channels_last: bool = False
     dali: bool = False                   # DALI pipeline (GPU decode; CPU operators without a GPU)
     skip_corrupt: bool = False           # with --dali: verify files, skip and count unreadable ones
-    sandwich: str = "sequential"         # sequential | batched
+    sandwich: str = "auto"               # sequential | batched | auto (sequential until measured on a GPU)
     backend: str = "auto"                # elastic-layer backend: auto | torch | triton | cuda
     out: str | None = None               # default runs/<method>-<dataset>
     resume: str | None = None            # a checkpoint path, or "auto" for <out>/checkpoint.pt
@@ -78,7 +78,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 CHOICES = {"method": METHODS, "dataset": DATASETS, "sampler": ("random", "compound"),
-           "variant": ("cifar", "imagenet"), "sandwich": ("sequential", "batched"),
+           "variant": ("cifar", "imagenet"), "sandwich": ("auto", "sequential", "batched"),
            "backend": ("auto", "torch", "triton", "cuda")}
 
 

@@ -42,7 +42,7 @@ class StepResult:
     loss_subnets: float           # mean unweighted KD loss of the other subnets (0 if none)
 
 
-def _touch_all(model: nn.Module) -> torch.Tensor:
+def touch_all(model: nn.Module) -> torch.Tensor:
     """0 * sum of every parameter: gives each one a (zero) gradient in this backward, so DDP's
     reducer sees all parameters used even when the subnet skips blocks or kernel transforms."""
     return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
@@ -70,7 +70,7 @@ def sequential_step(model: OFAMobileNetV3, net: nn.Module, images: torch.Tensor,
                 targets = soft_labels(logits, temperature)
             else:
                 loss = kd_loss(logits, targets, temperature)
-            weighted = loss * beta + (_touch_all(model) if ddp and last else 0.0)
+            weighted = loss * beta + (touch_all(model) if ddp and last else 0.0)
             (scaler.scale(weighted) if scaler is not None else weighted).backward()
         losses.append(loss.item())
     return StepResult(losses[0], sum(losses[1:]) / max(len(losses) - 1, 1))
