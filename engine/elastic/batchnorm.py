@@ -49,10 +49,12 @@ class ElasticBatchNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = check_channels("features", x.shape[1], self.max_features)
-        choice = backend.choose("batchnorm_act", x.device, {"triton": lambda: None})
-        if choice == "triton":
-            from engine.kernels.batchnorm import batchnorm_act
-
+        choice = backend.choose("batchnorm_act", x.device, {"triton": lambda: None, "cuda": lambda: None})
+        if choice != "torch":
+            if choice == "triton":
+                from engine.kernels.batchnorm import batchnorm_act
+            else:
+                from engine.elastic.cuda_ext import batchnorm_act
             y, mean, var = batchnorm_act(x, self.weight, self.bias, self.running_mean, self.running_var,
                                          self.training, self.eps, self.act)
             if self.training:
