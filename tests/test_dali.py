@@ -113,6 +113,11 @@ def test_bad_inputs_are_clear_errors(folder, tmp_path):
     with pytest.raises(ValueError, match="not_a_jpeg.jpg"):
         _loader(ImageFolderDataset(bad))
     (bad / "class2" / "truncated.jpg").write_bytes((folder / "class2" / "0.jpg").read_bytes()[:300])
+    (bad / "class1" / "not_a_jpeg.jpg").rename(bad / "not_a_jpeg.jpg")
+    with pytest.raises(RuntimeError, match="truncated.jpg"):          # corrupt body: named at run time
+        for _ in _loader(ImageFolderDataset(bad), train=False):
+            pass
+    (bad / "not_a_jpeg.jpg").rename(bad / "class1" / "not_a_jpeg.jpg")
     loader = _loader(ImageFolderDataset(bad), skip_corrupt=True, train=False)
     assert loader.skipped == 2
     assert sum(len(y) for _, y in loader) == 12

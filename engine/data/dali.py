@@ -17,12 +17,14 @@ prefetch_queue_depth batches late).
 
 Bad input: a missing path or empty class folder fails while listing files (engine.data.datasets); a
 file that is not a JPEG fails up front naming it; with skip_corrupt=True every file is verified
-(PIL) and unreadable ones are skipped and counted instead. An error DALI raises while decoding is
-re-raised with the data root and that advice.
+(PIL) and unreadable ones are skipped and counted instead. An error DALI raises while decoding (a
+corrupt JPEG body: DALI's message does not name the file) is re-raised naming the unreadable files,
+found by a time-bounded scan on that error path.
 """
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from typing import Callable, Iterator
 
@@ -66,6 +68,17 @@ def checked_files(dataset: ImageFolderDataset, skip_corrupt: bool) -> tuple[list
     return paths, labels, skipped
 
 
+def unreadable_files(paths: list[str], limit: int = 5, seconds: float = 120.0) -> list[str]:
+    """Up to `limit` files that fail to decode, scanning for at most `seconds` (error path only)."""
+    bad, deadline = [], time.monotonic() + seconds
+    for path in paths:
+        if len(bad) >= limit or time.monotonic() > deadline:
+            break
+        if not _verifies(path):
+            bad.append(path)
+    return bad
+
+
 def _is_jpeg(path: str) -> bool:
     try:
         with open(path, "rb") as f:
@@ -107,7 +120,7 @@ class DaliLoader:
         self.dtype, self.skipped, self.epoch = dtype, 0, 0
         if isinstance(dataset, ImageFolderDataset):
             paths, labels, self.skipped = checked_files(dataset, skip_corrupt)
-            self.num_samples = len(paths)
+            self._paths, self.num_samples = paths, len(paths)
             pipe = self._file_pipeline(paths, batch_size, num_threads, device_id, auto_augment)
             reader = {"reader_name": "reader"}
         elif isinstance(dataset, ArrayDataset):
@@ -228,6 +241,10 @@ class DaliLoader:
                 yield (images, labels, index) if self.with_index else (images, labels)
         except RuntimeError as err:
             root = getattr(self.dataset, "root", "the in-memory dataset")
-            raise RuntimeError(f"DALI failed while decoding {root}: {err}\nRe-run with --skip-corrupt to "
-                               "verify every file and skip unreadable ones.") from err
+            named = ""
+            if isinstance(self.dataset, ImageFolderDataset):
+                bad = unreadable_files(self._paths)
+                named = f"\nunreadable files: {', '.join(bad)}" if bad else ""
+            raise RuntimeError(f"DALI failed while decoding {root}: {err}{named}\nRe-run with --skip-corrupt "
+                               "to verify every file and skip unreadable ones.") from err
         self.epoch += 1
