@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autocast_input, empty_nchw_channels_last, rows, splits
+from .common import autocast_input, batchnorm_autograd, empty_nchw_channels_last, rows, splits
 
 BLOCK_M, BLOCK_C = 64, 32
 ACT_CODE = {"none": 0, "relu": 1, "h_swish": 2}
@@ -182,20 +182,7 @@ def _(grad_y, x, weight, bias, mean, var, training, eps, act):
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
 
 
-def _setup(ctx, inputs, output):
-    x, weight, bias, running_mean, running_var, training, eps, act = inputs
-    _, mean, var = output
-    ctx.save_for_backward(x, weight, bias, mean, var)
-    ctx.training, ctx.eps, ctx.act = training, eps, act
-
-
-def _backward(ctx, grad_y, grad_mean, grad_var):
-    x, weight, bias, mean, var = ctx.saved_tensors
-    grad_x, grad_w, grad_b = _batchnorm_act_backward(grad_y, x, weight, bias, mean, var,
-                                                     ctx.training, ctx.eps, ctx.act)
-    return grad_x, grad_w, grad_b, None, None, None, None, None
-
-
+_backward, _setup = batchnorm_autograd(_batchnorm_act_backward)
 _batchnorm_act.register_autograd(_backward, setup_context=_setup)
 
 

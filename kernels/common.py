@@ -33,3 +33,36 @@ def autocast_input(x: torch.Tensor) -> torch.Tensor:
     if torch.is_autocast_enabled(dev) and x.is_floating_point():
         return x.to(torch.get_autocast_dtype(dev))
     return x
+
+
+def depthwise_autograd(backward_op):
+    """(backward, setup_context) for a depthwise op (x, filt, stride) -> y whose `backward_op`
+    (grad_y, x, filt, stride) returns (grad_x, grad_filt); shared by the Triton and C++ ops."""
+    def setup(ctx, inputs, output):
+        x, filt, stride = inputs
+        ctx.save_for_backward(x, filt)
+        ctx.stride = stride
+
+    def backward(ctx, grad_y):
+        x, filt = ctx.saved_tensors
+        grad_x, grad_f = backward_op(grad_y, x, filt, ctx.stride)
+        return grad_x, grad_f, None
+
+    return backward, setup
+
+
+def batchnorm_autograd(backward_op):
+    """(backward, setup_context) for a BN op (x, weight, bias, running_mean, running_var, training,
+    eps, act) -> (y, mean, var) whose `backward_op` (grad_y, x, weight, bias, mean, var, training, eps,
+    act) returns (grad_x, grad_weight, grad_bias); the mean/var outputs carry no gradient."""
+    def setup(ctx, inputs, output):
+        x, weight, bias, _, _, training, eps, act = inputs
+        ctx.save_for_backward(x, weight, bias, output[1], output[2])
+        ctx.training, ctx.eps, ctx.act = training, eps, act
+
+    def backward(ctx, grad_y, grad_mean, grad_var):
+        x, weight, bias, mean, var = ctx.saved_tensors
+        grads = backward_op(grad_y, x, weight, bias, mean, var, ctx.training, ctx.eps, ctx.act)
+        return (*grads, None, None, None, None, None)
+
+    return backward, setup

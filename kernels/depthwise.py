@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autocast_input, empty_nchw_channels_last, rows, splits
+from .common import autocast_input, depthwise_autograd, empty_nchw_channels_last, rows, splits
 
 BLOCK_P, BLOCK_C = 32, 32
 
@@ -154,18 +154,7 @@ def _(grad_y, x, filt, stride):
     return empty_nchw_channels_last(n, c, h, w, x), torch.empty(filt.shape, dtype=filt.dtype, device=filt.device)
 
 
-def _setup(ctx, inputs, output):
-    x, filt, stride = inputs
-    ctx.save_for_backward(x, filt)
-    ctx.stride = stride
-
-
-def _backward(ctx, grad_y):
-    x, filt = ctx.saved_tensors
-    grad_x, grad_f = _depthwise_conv_backward(grad_y, x, filt, ctx.stride)
-    return grad_x, grad_f, None
-
-
+_backward, _setup = depthwise_autograd(_depthwise_conv_backward)
 _depthwise_conv.register_autograd(_backward, setup_context=_setup)
 
 

@@ -3,7 +3,6 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 from engine.elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticDepthwiseConv2d, ElasticLinear
 from engine.eval.bn_calibration import recalibrate_bn

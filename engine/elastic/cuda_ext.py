@@ -78,29 +78,13 @@ def _register() -> None:
     def _(grad_y, x, weight, bias, mean, var, training, eps, act):
         return _nhwc_like(x, *x.shape[1:]), torch.empty_like(weight), torch.empty_like(bias)
 
-    def dw_setup(ctx, inputs, output):
-        x, filt, stride = inputs
-        ctx.save_for_backward(x, filt)
-        ctx.stride = stride
+    from engine.kernels.common import batchnorm_autograd, depthwise_autograd
 
-    def dw_backward(ctx, grad_y):
-        x, filt = ctx.saved_tensors
-        grad_x, grad_f = torch.ops.engine_cuda.depthwise_conv_backward(grad_y, x, filt, ctx.stride)
-        return grad_x, grad_f, None
-
-    def bn_setup(ctx, inputs, output):
-        x, weight, bias, _, _, training, eps, act = inputs
-        ctx.save_for_backward(x, weight, bias, output[1], output[2])
-        ctx.training, ctx.eps, ctx.act = training, eps, act
-
-    def bn_backward(ctx, grad_y, grad_mean, grad_var):
-        x, weight, bias, mean, var = ctx.saved_tensors
-        grads = torch.ops.engine_cuda.batchnorm_act_backward(grad_y, x, weight, bias, mean, var, ctx.training,
-                                                             ctx.eps, ctx.act)
-        return (*grads, None, None, None, None, None)
-
-    torch.library.register_autograd(lib + "depthwise_conv", dw_backward, setup_context=dw_setup)
-    torch.library.register_autograd(lib + "batchnorm_act", bn_backward, setup_context=bn_setup)
+    ops = torch.ops.engine_cuda
+    backward, setup = depthwise_autograd(ops.depthwise_conv_backward)
+    torch.library.register_autograd(lib + "depthwise_conv", backward, setup_context=setup)
+    backward, setup = batchnorm_autograd(ops.batchnorm_act_backward)
+    torch.library.register_autograd(lib + "batchnorm_act", backward, setup_context=setup)
 
 
 def depthwise_conv(x: torch.Tensor, filt: torch.Tensor, stride: int) -> torch.Tensor:
