@@ -1,5 +1,6 @@
-"""Per-layer micro-benchmarks on OFA-MobileNetV3 shapes: our kernels vs the reference (slice + copy +
-cuDNN) vs torch.compile of the reference; forward and forward+backward; fp32 and bf16; channels-last.
+"""Per-layer micro-benchmarks on OFA-MobileNetV3 shapes: our Triton kernels ("ours") and, when built,
+the CUDA C++ extension ("cuda") vs the reference (slice + copy + cuDNN) vs torch.compile of the
+reference; forward and forward+backward; fp32 and bf16; channels-last.
 Each row carries the minimal bytes and FLOPs so a time can be read against the roofline.
 
   python bench/layers.py                      # CUDA: every layer, JSON in bench/results/
@@ -16,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import environment, time_ms, write_json  # noqa: E402
-from engine.elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticDepthwiseConv2d, use_backend  # noqa: E402
+from engine.elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticDepthwiseConv2d, backend, use_backend  # noqa: E402
 
 # (name, layer factory, active setter, input channels, spatial, FLOPs/bytes per output element)
 CASES = [
@@ -58,6 +59,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     batch = args.batch or (128 if device.type == "cuda" else 2)
     variants = ["reference", "ours", "compiled"] if device.type == "cuda" else ["reference"]
+    if device.type == "cuda" and backend.availability("cuda")[0]:
+        variants.append("cuda")
     env, rows = environment(device), []
     for name, make, activate, channels, size in CASES:
         for dtype_name in args.dtypes if device.type == "cuda" else ["float32"]:
@@ -72,10 +75,10 @@ def main(argv=None) -> int:
             flops, nbytes = _cost(layer, x, y)
             row = {"layer": name, "dtype": dtype_name, "batch": batch, "flops": flops, "min_bytes": nbytes}
             for variant in variants:
-                backend = "triton" if variant == "ours" else "torch"
+                name_of_backend = {"ours": "triton", "cuda": "cuda"}.get(variant, "torch")
                 fn = torch.compile(layer) if variant == "compiled" else layer
                 dy = torch.randn_like(y)
-                with use_backend(backend):
+                with use_backend(name_of_backend):
                     fwd = time_ms(lambda: fn(x), device, 10, 50)
                     fwd_bwd = time_ms(lambda: torch.autograd.grad(fn(x), [x] + list(layer.parameters()), dy,
                                                                   allow_unused=True), device, 10, 50)
