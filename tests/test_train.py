@@ -40,10 +40,12 @@ def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
-    stopped = _model_state(out)["step"]
+    killed = _model_state(out)
+    stopped = killed["step"]
     assert 3 <= stopped < steps, stopped
     assert _run(out, "--resume", "--max-steps", str(steps)) == 0
     a, b = _model_state(tmp_path / "straight"), _model_state(out)
+    assert b["elapsed_seconds"] > killed["elapsed_seconds"] > 0          # device time carries over
     assert a["step"] == b["step"] == steps
     for k in a["model"]:
         torch.testing.assert_close(b["model"][k], a["model"][k], rtol=0, atol=0, msg=k)

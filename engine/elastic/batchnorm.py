@@ -47,6 +47,14 @@ class ElasticBatchNorm2d(nn.Module):
         self.running_mean.zero_()
         self.running_var.fill_(1.0)
 
+    @torch.no_grad()
+    def update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        """Fold batch statistics of the first len(mean) channels into the running slices in place:
+        r <- (1 - momentum) r + momentum * stat, with var (biased, over `count` values) made unbiased."""
+        c = mean.shape[0]
+        self.running_mean[:c].lerp_(mean.detach(), self.momentum)
+        self.running_var[:c].lerp_(var.detach() * (count / max(count - 1, 1)), self.momentum)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = check_channels("features", x.shape[1], self.max_features)
         choice = backend.choose("batchnorm_act", x.device, {"triton": lambda: None, "cuda": lambda: None})
@@ -58,10 +66,7 @@ class ElasticBatchNorm2d(nn.Module):
             y, mean, var = batchnorm_act(x, self.weight, self.bias, self.running_mean, self.running_var,
                                          self.training, self.eps, self.act)
             if self.training:
-                n = x.numel() // c
-                with torch.no_grad():
-                    self.running_mean[:c].lerp_(mean.detach(), self.momentum)
-                    self.running_var[:c].lerp_(var.detach() * (n / max(n - 1, 1)), self.momentum)
+                self.update_running_stats(mean, var, x.numel() // c)
             return y
         return batchnorm_reference(x, self.weight, self.bias, self.running_mean, self.running_var,
                                    self.training, self.momentum, self.eps, self.act)

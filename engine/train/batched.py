@@ -51,14 +51,10 @@ def _bn(bn: ElasticBatchNorm2d, x: torch.Tensor, groups: int, widths: list[int] 
     y = apply_activation(y.to(x.dtype), bn.act)
     if mask is not None:
         y = y * mask[None, :, None, None]
-    with torch.no_grad():
-        count = n * h * w
-        for g in range(groups):
-            if active[g]:
-                width = c if widths is None else widths[g]
-                s = slice(g * c, g * c + width)
-                bn.running_mean[:width].lerp_(mean[s], bn.momentum)
-                bn.running_var[:width].lerp_(var[s] * count / max(count - 1, 1), bn.momentum)
+    for g in range(groups):
+        if active[g]:
+            width = c if widths is None else widths[g]
+            bn.update_running_stats(mean[g * c:g * c + width], var[g * c:g * c + width], n * h * w)
     return y
 
 

@@ -92,7 +92,7 @@ def run(cfg: TrainConfig) -> dict:
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     plan = make_plan(cfg.method, cfg.epochs, cfg.teacher_epochs, cfg.warmup_epochs, cfg.sampler)
 
-    step, reorganized = 0, False
+    step, reorganized, elapsed_before = 0, False, 0.0     # elapsed: wall seconds of earlier runs
     if cfg.resume:
         path = ckpt_path if cfg.resume == "auto" else Path(cfg.resume)
         state = checkpoint.load(path, model.spec.to_dict())
@@ -106,6 +106,7 @@ def run(cfg: TrainConfig) -> dict:
             scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         step, reorganized = state["step"], state["reorganized"]
+        elapsed_before = state["elapsed_seconds"]
     elif ckpt_path.exists():
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
 
@@ -127,11 +128,12 @@ def run(cfg: TrainConfig) -> dict:
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None, "rng": checkpoint.rng_state(),
                 "step": step, "epoch": step // spe, "reorganized": reorganized,
+                "elapsed_seconds": elapsed_before + time.perf_counter() - run_start,
                 "config": cfg.to_dict(), "arch": model.spec.to_dict()}, ckpt_path)
 
     stop = _Stop()
     stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
-    run_start, elapsed_before = time.perf_counter(), 0.0
+    run_start = time.perf_counter()
     max_cfg = arch.max_config(model.spec, model.n_stages)
     monitor_calib = calibration_batches(data, min(cfg.calib_images, 512), 256, device, cfg.channels_last)
     summary: dict = {"interrupted": False}
@@ -161,7 +163,7 @@ def run(cfg: TrainConfig) -> dict:
                     group["lr"] = lr
                 optimizer.zero_grad(set_to_none=True)
                 result = step_fn(model, net, images, labels, cfgs, betas, cfg.label_smoothing,
-                                         cfg.temperature, scaler, amp_dtype)
+                                 cfg.temperature, scaler, amp_dtype)
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
