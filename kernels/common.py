@@ -36,17 +36,18 @@ def autocast_input(x: torch.Tensor) -> torch.Tensor:
 
 
 def depthwise_autograd(backward_op):
-    """(backward, setup_context) for a depthwise op (x, filt, stride) -> y whose `backward_op`
-    (grad_y, x, filt, stride) returns (grad_x, grad_filt); shared by the Triton and C++ ops."""
+    """(backward, setup_context) for a depthwise op (x, filt, stride, *tensors) -> y whose `backward_op`
+    (grad_y, x, filt, stride, *tensors) returns (grad_x, grad_filt); the trailing tensors (a grouped
+    op's limits) get no gradient. Shared by the Triton and C++ ops."""
     def setup(ctx, inputs, output):
-        x, filt, stride = inputs
-        ctx.save_for_backward(x, filt)
+        x, filt, stride, *extra = inputs
+        ctx.save_for_backward(x, filt, *extra)
         ctx.stride = stride
 
     def backward(ctx, grad_y):
-        x, filt = ctx.saved_tensors
-        grad_x, grad_f = backward_op(grad_y, x, filt, ctx.stride)
-        return grad_x, grad_f, None
+        x, filt, *extra = ctx.saved_tensors
+        grad_x, grad_f = backward_op(grad_y, x, filt, ctx.stride, *extra)
+        return (grad_x, grad_f, None) + (None,) * len(extra)
 
     return backward, setup
 

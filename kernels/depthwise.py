@@ -10,7 +10,10 @@ gradients of the 7x7 weight and of the transform matrices for free.
 Backward: dX (gather form, handles stride 2) and dF with the N*OH*OW reduction split over
 programs (fp32 partials summed once: deterministic); dF rows for all k² taps are accumulated in a
 (next_pow2(k²), BLOCK_C) tile so dY is read once.
-Reference: engine.elastic.depthwise.depthwise_reference.
+Grouped form (the batched sandwich): G channel groups, each with its own kernel size k_g <= K and
+width c_g from a (G, 2) int32 table; the filter is (G*C, K, K) and group g reads only its centred
+k_g x k_g window (other taps' loads are masked off, so they cost no memory traffic).
+Reference: engine.elastic.depthwise.depthwise_reference (grouped: engine.elastic.grouped).
 """
 from __future__ import annotations
 
@@ -30,31 +33,48 @@ def _pixels(p, H, W):
 
 
 @triton.jit
-def _dw_forward_kernel(x_ptr, f_ptr, y_ptr, N, H, W, C, OH, OW, s_fc, s_fh, s_fw,
-                       K: tl.constexpr, STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _group(lim_ptr, CG, K: tl.constexpr, BLOCK_C: tl.constexpr, GROUPED: tl.constexpr):
+    """This program's group g (grid axis 2): its kernel size, first tap of its centred window in the
+    K x K filter, channel indices (global c, in-group cl) and masks (c < group width, cl < CG)."""
+    g = tl.program_id(2)
+    k, width = K, CG
+    if GROUPED:
+        k = tl.load(lim_ptr + g * 2)
+        width = tl.load(lim_ptr + g * 2 + 1)
+    cl = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return k, (K - k) // 2, g * CG + cl, cl < width, cl < CG
+
+
+@triton.jit
+def _dw_forward_kernel(x_ptr, f_ptr, y_ptr, lim_ptr, N, H, W, CG, CT, OH, OW, s_fc, s_fh, s_fw,
+                       K: tl.constexpr, STRIDE: tl.constexpr, GROUPED: tl.constexpr,
+                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)        # output pixel index in N*OH*OW
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    pm, cm = p < N * OH * OW, c < C
+    k, lo, c, cm, cs = _group(lim_ptr, CG, K, BLOCK_C, GROUPED)
+    pm = p < N * OH * OW
     n, oh, ow = _pixels(p, OH, OW)
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for kh in tl.static_range(K):
         ih = oh * STRIDE - K // 2 + kh
+        tap_h = (kh >= lo) & (kh < lo + k)
         for kw in tl.static_range(K):
             iw = ow * STRIDE - K // 2 + kw
+            tap = cm & tap_h & (kw >= lo) & (kw < lo + k)
             ok = pm & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            xv = tl.load(x_ptr + ((n * H + ih) * W + iw)[:, None] * C + c[None, :],
-                         mask=ok[:, None] & cm[None, :], other=0.0)
-            fv = tl.load(f_ptr + c * s_fc + kh * s_fh + kw * s_fw, mask=cm, other=0.0)
+            xv = tl.load(x_ptr + ((n * H + ih) * W + iw)[:, None] * CT + c[None, :],
+                         mask=ok[:, None] & tap[None, :], other=0.0)
+            fv = tl.load(f_ptr + c * s_fc + kh * s_fh + kw * s_fw, mask=tap, other=0.0)
             acc += xv.to(tl.float32) * fv.to(tl.float32)[None, :]
-    tl.store(y_ptr + p[:, None] * C + c[None, :], acc.to(y_ptr.dtype.element_ty), mask=pm[:, None] & cm[None, :])
+    tl.store(y_ptr + p[:, None] * CT + c[None, :], acc.to(y_ptr.dtype.element_ty), mask=pm[:, None] & cs[None, :])
 
 
 @triton.jit
-def _dw_grad_input_kernel(gy_ptr, f_ptr, gx_ptr, N, H, W, C, OH, OW, s_fc, s_fh, s_fw,
-                          K: tl.constexpr, STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _dw_grad_input_kernel(gy_ptr, f_ptr, gx_ptr, lim_ptr, N, H, W, CG, CT, OH, OW, s_fc, s_fh, s_fw,
+                          K: tl.constexpr, STRIDE: tl.constexpr, GROUPED: tl.constexpr,
+                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)        # input pixel index in N*H*W
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    pm, cm = p < N * H * W, c < C
+    k, lo, c, cm, cs = _group(lim_ptr, CG, K, BLOCK_C, GROUPED)
+    pm = p < N * H * W
     n, ih, iw = _pixels(p, H, W)
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for kh in tl.static_range(K):
@@ -62,25 +82,28 @@ def _dw_grad_input_kernel(gy_ptr, f_ptr, gx_ptr, N, H, W, C, OH, OW, s_fc, s_fh,
         thc = tl.maximum(th, 0)
         oh = thc // STRIDE
         okh = (th >= 0) & (thc % STRIDE == 0) & (oh < OH)
+        tap_h = (kh >= lo) & (kh < lo + k)
         for kw in tl.static_range(K):
             tw = iw + K // 2 - kw
             twc = tl.maximum(tw, 0)
             ow = twc // STRIDE
+            tap = cm & tap_h & (kw >= lo) & (kw < lo + k)
             ok = pm & okh & (tw >= 0) & (twc % STRIDE == 0) & (ow < OW)
-            g = tl.load(gy_ptr + ((n * OH + oh) * OW + ow)[:, None] * C + c[None, :],
-                        mask=ok[:, None] & cm[None, :], other=0.0)
-            fv = tl.load(f_ptr + c * s_fc + kh * s_fh + kw * s_fw, mask=cm, other=0.0)
+            g = tl.load(gy_ptr + ((n * OH + oh) * OW + ow)[:, None] * CT + c[None, :],
+                        mask=ok[:, None] & tap[None, :], other=0.0)
+            fv = tl.load(f_ptr + c * s_fc + kh * s_fh + kw * s_fw, mask=tap, other=0.0)
             acc += g.to(tl.float32) * fv.to(tl.float32)[None, :]
-    tl.store(gx_ptr + p[:, None] * C + c[None, :], acc.to(gx_ptr.dtype.element_ty), mask=pm[:, None] & cm[None, :])
+    tl.store(gx_ptr + p[:, None] * CT + c[None, :], acc.to(gx_ptr.dtype.element_ty), mask=pm[:, None] & cs[None, :])
 
 
 @triton.jit
-def _dw_grad_filter_kernel(x_ptr, gy_ptr, part_ptr, N, H, W, C, OH, OW, p_per_split,
-                           K: tl.constexpr, STRIDE: tl.constexpr, BLOCK_T: tl.constexpr,
+def _dw_grad_filter_kernel(x_ptr, gy_ptr, part_ptr, lim_ptr, N, H, W, CG, CT, OH, OW, p_per_split,
+                           K: tl.constexpr, STRIDE: tl.constexpr, GROUPED: tl.constexpr, BLOCK_T: tl.constexpr,
                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    split = tl.program_id(1)
-    cm = c < C
+    """partial[split, tap, c] over this split's output pixels; taps outside a group's window and
+    channels beyond its width get 0 (grid: channel blocks, splits, groups)."""
+    split = tl.program_id(0)
+    k, lo, c, cm, cs = _group(lim_ptr, CG, K, BLOCK_C, GROUPED)
     taps = tl.arange(0, BLOCK_T)
     acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
     p_lo = split * p_per_split
@@ -89,69 +112,82 @@ def _dw_grad_filter_kernel(x_ptr, gy_ptr, part_ptr, N, H, W, C, OH, OW, p_per_sp
         p = p0 + tl.arange(0, BLOCK_P)
         pm = p < p_hi
         n, oh, ow = _pixels(p, OH, OW)
-        g = tl.load(gy_ptr + p[:, None] * C + c[None, :], mask=pm[:, None] & cm[None, :], other=0.0).to(tl.float32)
+        g = tl.load(gy_ptr + p[:, None] * CT + c[None, :], mask=pm[:, None] & cm[None, :], other=0.0).to(tl.float32)
         for kh in tl.static_range(K):
             ih = oh * STRIDE - K // 2 + kh
+            tap_h = (kh >= lo) & (kh < lo + k)
             for kw in tl.static_range(K):
                 iw = ow * STRIDE - K // 2 + kw
+                tap = cm & tap_h & (kw >= lo) & (kw < lo + k)
                 ok = pm & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                xv = tl.load(x_ptr + ((n * H + ih) * W + iw)[:, None] * C + c[None, :],
-                             mask=ok[:, None] & cm[None, :], other=0.0)
+                xv = tl.load(x_ptr + ((n * H + ih) * W + iw)[:, None] * CT + c[None, :],
+                             mask=ok[:, None] & tap[None, :], other=0.0)
                 contrib = tl.sum(xv.to(tl.float32) * g, axis=0)                     # (BLOCK_C,)
                 acc += tl.where(taps[:, None] == kh * K + kw, contrib[None, :], 0.0)
-    out = part_ptr + split * (K * K * C) + taps[:, None] * C + c[None, :]
-    tl.store(out, acc, mask=(taps[:, None] < K * K) & cm[None, :])
+    out = part_ptr + split * (K * K * CT) + taps[:, None] * CT + c[None, :]
+    tl.store(out, acc, mask=(taps[:, None] < K * K) & cs[None, :])
 
 
 def _out_size(size: int, stride: int) -> int:
     return (size - 1) // stride + 1
 
 
-def _grid(pixels: int, channels: int) -> tuple[int, int]:
-    return triton.cdiv(pixels, BLOCK_P), triton.cdiv(channels, BLOCK_C)
+def _launch(x, filt, stride, out, grad_y=None, limits=None):
+    """Run the forward (grad_y None: out = y) or both backward kernels (out = grad_x; returns the
+    (k*k, CT) fp32 filter gradient) over the G = len(limits) channel groups (1 without limits)."""
+    n, ct, h, w = x.shape
+    k = filt.shape[-1]
+    groups = 1 if limits is None else limits.shape[0]
+    cg = ct // groups
+    cblocks = triton.cdiv(cg, BLOCK_C)
+    lim = limits if limits is not None else filt
+    common = dict(K=k, STRIDE=stride, GROUPED=limits is not None, BLOCK_C=BLOCK_C)
+    if grad_y is None:
+        oh, ow = out.shape[-2:]
+        _dw_forward_kernel[(triton.cdiv(n * oh * ow, BLOCK_P), cblocks, groups)](
+            rows(x), filt, rows(out), lim, n, h, w, cg, ct, oh, ow, *filt.stride(), BLOCK_P=BLOCK_P, **common)
+        return None
+    oh, ow = grad_y.shape[-2:]
+    gy, x2 = rows(grad_y.to(x.dtype)), rows(x)
+    _dw_grad_input_kernel[(triton.cdiv(n * h * w, BLOCK_P), cblocks, groups)](
+        gy, filt, rows(out), lim, n, h, w, cg, ct, oh, ow, *filt.stride(), BLOCK_P=BLOCK_P, **common)
+    split = splits(n * oh * ow, 2048)
+    p_per_split = triton.cdiv(triton.cdiv(n * oh * ow, split), BLOCK_P) * BLOCK_P
+    partial = torch.empty((split, k * k, ct), dtype=torch.float32, device=x.device)
+    _dw_grad_filter_kernel[(split, cblocks, groups)](
+        x2, gy, partial, lim, n, h, w, cg, ct, oh, ow, p_per_split,
+        BLOCK_T=triton.next_power_of_2(k * k), BLOCK_P=BLOCK_P, **common)
+    return partial.sum(0)
+
+
+def _output(x: torch.Tensor, stride: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    return empty_nchw_channels_last(n, c, _out_size(h, stride), _out_size(w, stride), x)
 
 
 @torch.library.custom_op("engine::depthwise_conv", mutates_args=())
 def _depthwise_conv(x: torch.Tensor, filt: torch.Tensor, stride: int) -> torch.Tensor:
-    n, c, h, w = x.shape
-    k = filt.shape[-1]
-    oh, ow = _out_size(h, stride), _out_size(w, stride)
-    y = empty_nchw_channels_last(n, c, oh, ow, x)
-    _dw_forward_kernel[_grid(n * oh * ow, c)](rows(x), filt, rows(y), n, h, w, c, oh, ow, *filt.stride(),
-                                              K=k, STRIDE=stride, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    y = _output(x, stride)
+    _launch(x, filt, stride, y)
     return y
 
 
 @_depthwise_conv.register_fake
 def _(x, filt, stride):
-    n, c, h, w = x.shape
-    return empty_nchw_channels_last(n, c, _out_size(h, stride), _out_size(w, stride), x)
+    return _output(x, stride)
 
 
 @torch.library.custom_op("engine::depthwise_conv_backward", mutates_args=())
 def _depthwise_conv_backward(grad_y: torch.Tensor, x: torch.Tensor, filt: torch.Tensor,
                              stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n, c, h, w = x.shape
-    k = filt.shape[-1]
-    oh, ow = grad_y.shape[-2:]
-    gy, x2 = rows(grad_y.to(x.dtype)), rows(x)
-    grad_x = empty_nchw_channels_last(n, c, h, w, x)
-    _dw_grad_input_kernel[_grid(n * h * w, c)](gy, filt, rows(grad_x), n, h, w, c, oh, ow, *filt.stride(),
-                                                K=k, STRIDE=stride, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
-    split = splits(n * oh * ow, 2048)
-    p_per_split = triton.cdiv(triton.cdiv(n * oh * ow, split), BLOCK_P) * BLOCK_P
-    partial = torch.empty((split, k * k, c), dtype=torch.float32, device=x.device)
-    _dw_grad_filter_kernel[(triton.cdiv(c, BLOCK_C), split)](
-        x2, gy, partial, n, h, w, c, oh, ow, p_per_split, K=k, STRIDE=stride,
-        BLOCK_T=triton.next_power_of_2(k * k), BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
-    grad_f = partial.sum(0).t().reshape(c, k, k).to(filt.dtype)
-    return grad_x, grad_f
+    grad_x = empty_nchw_channels_last(*x.shape, x)
+    grad_f = _launch(x, filt, stride, grad_x, grad_y)
+    return grad_x, grad_f.t().reshape(filt.shape).to(filt.dtype)
 
 
 @_depthwise_conv_backward.register_fake
 def _(grad_y, x, filt, stride):
-    n, c, h, w = x.shape
-    return empty_nchw_channels_last(n, c, h, w, x), torch.empty(filt.shape, dtype=filt.dtype, device=filt.device)
+    return empty_nchw_channels_last(*x.shape, x), torch.empty(filt.shape, dtype=filt.dtype, device=filt.device)
 
 
 _backward, _setup = depthwise_autograd(_depthwise_conv_backward)
@@ -163,3 +199,40 @@ def depthwise_conv(x: torch.Tensor, filt: torch.Tensor, stride: int) -> torch.Te
     if filt.dim() != 3 or filt.shape[0] != x.shape[1] or filt.shape[1] != filt.shape[2] or filt.shape[1] % 2 == 0:
         raise ValueError(f"filter shape {tuple(filt.shape)} does not fit input {tuple(x.shape)}")
     return _depthwise_conv(autocast_input(x), filt, stride)
+
+
+@torch.library.custom_op("engine::grouped_depthwise_conv", mutates_args=())
+def _grouped_depthwise_conv(x: torch.Tensor, filt: torch.Tensor, stride: int, limits: torch.Tensor) -> torch.Tensor:
+    y = _output(x, stride)
+    _launch(x, filt, stride, y, limits=limits)
+    return y
+
+
+@_grouped_depthwise_conv.register_fake
+def _(x, filt, stride, limits):
+    return _output(x, stride)
+
+
+@torch.library.custom_op("engine::grouped_depthwise_conv_backward", mutates_args=())
+def _grouped_depthwise_conv_backward(grad_y: torch.Tensor, x: torch.Tensor, filt: torch.Tensor, stride: int,
+                                     limits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_x = empty_nchw_channels_last(*x.shape, x)
+    grad_f = _launch(x, filt, stride, grad_x, grad_y, limits)
+    return grad_x, grad_f.t().reshape(filt.shape).to(filt.dtype)
+
+
+@_grouped_depthwise_conv_backward.register_fake
+def _(grad_y, x, filt, stride, limits):
+    return empty_nchw_channels_last(*x.shape, x), torch.empty(filt.shape, dtype=filt.dtype, device=filt.device)
+
+
+_grouped_backward, _grouped_setup = depthwise_autograd(_grouped_depthwise_conv_backward)
+_grouped_depthwise_conv.register_autograd(_grouped_backward, setup_context=_grouped_setup)
+
+
+def grouped_depthwise_conv(x: torch.Tensor, filt: torch.Tensor, stride: int, limits: torch.Tensor) -> torch.Tensor:
+    """G depthwise convs of per-group kernel size: x (N, G*C, H, W), filt (G*C, K, K), limits (G, 2)
+    int32 [k_g, c_g] -> (N, G*C, H', W') channels-last; group g convolves its first c_g channels with
+    the centred k_g x k_g taps of its filters (other taps ignored, zero beyond c_g).
+    Checked by engine.elastic.grouped."""
+    return _grouped_depthwise_conv(autocast_input(x), filt, stride, limits)

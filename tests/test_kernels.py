@@ -12,6 +12,7 @@ import engine.kernels.pointwise as kpw
 from engine.elastic.batchnorm import batchnorm_reference
 from engine.elastic.conv import conv2d_reference
 from engine.elastic.depthwise import depthwise_reference
+from engine.elastic.grouped import grouped_depthwise_reference, grouped_pointwise_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RTOL = 1e-4
@@ -82,6 +83,53 @@ def test_depthwise_conv(k, stride, n, c, h, w, max_c):
         assert rel_err(got, want) < RTOL
 
 
+def _table(rows):
+    return torch.tensor(rows, dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("n,h,w,cin,cout,max_in,max_out,widths", [
+    (2, 5, 7, 19, 23, 37, 29, [[23, 19], [7, 11], [15, 1]]),       # in and out widths vary per group
+    (1, 3, 3, 64, 70, 64, 70, [[70, 64], [70, 64]]),                # full width, tile boundaries
+    (3, 1, 1, 33, 40, 48, 40, [[40, 33], [1, 33], [17, 33], [40, 5]]),
+])
+def test_grouped_pointwise_conv(n, h, w, cin, cout, max_in, max_out, widths):
+    groups = len(widths)
+    weight = torch.randn(max_out, max_in, 1, 1, device=DEVICE, requires_grad=True)
+    x = torch.randn(n, groups * cin, h, w, device=DEVICE).to(memory_format=torch.channels_last).requires_grad_()
+    table = _table(widths)
+    y = kpw.grouped_pointwise_conv(x, weight, table, cout)
+    ref = grouped_pointwise_reference(x, weight, table, cout)
+    assert rel_err(y, ref) < RTOL
+    assert (y.view(n, groups, cout, h, w)[:, 1, widths[1][0]:] == 0).all()      # zero beyond a group's width
+    dy = torch.randn_like(ref)
+    for got, want in zip(_grads(y, (x, weight), dy), _grads(ref, (x, weight), dy)):
+        assert rel_err(got, want) < RTOL
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("n,c,h,w,limits", [
+    (2, 19, 9, 7, [[7, 19], [3, 11], [5, 1]]),
+    (1, 40, 6, 5, [[7, 40], [7, 33], [3, 40], [5, 8]]),                # groups straddle channel blocks
+    (3, 5, 1, 4, [[3, 5], [7, 2]]),
+])
+def test_grouped_depthwise_conv(stride, n, c, h, w, limits):
+    groups = len(limits)
+    filt = torch.randn(groups * c, 7, 7, device=DEVICE, requires_grad=True)
+    x = torch.randn(n, groups * c, h, w, device=DEVICE).to(memory_format=torch.channels_last).requires_grad_()
+    table = _table(limits)
+    y = kdw.grouped_depthwise_conv(x, filt, stride, table)
+    ref = grouped_depthwise_reference(x, filt, stride, table)
+    assert rel_err(y, ref) < RTOL
+    dy = torch.randn_like(ref)
+    grads = _grads(y, (x, filt), dy)
+    for got, want in zip(grads, _grads(ref, (x, filt), dy)):
+        assert rel_err(got, want) < RTOL
+    k0 = limits[0][0]
+    outside = torch.ones(7, 7, dtype=torch.bool, device=DEVICE)
+    outside[(7 - k0) // 2:(7 + k0) // 2, (7 - k0) // 2:(7 + k0) // 2] = False
+    assert (grads[1][:c, outside] == 0).all()                                   # taps outside the window
+
+
 @pytest.mark.parametrize("act", ["none", "relu", "h_swish"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("n,c,h,w,max_c", [(3, 19, 5, 7, 37), (2, 64, 3, 3, 64), (4, 3, 1, 1, 9), (1, 70, 9, 8, 96)])
@@ -137,6 +185,10 @@ def test_ops_pass_opcheck():
     g, b = torch.randn(8, device=DEVICE, requires_grad=True), torch.randn(8, device=DEVICE, requires_grad=True)
     rm, rv = torch.zeros(8, device=DEVICE), torch.ones(8, device=DEVICE)
     torch.library.opcheck(kbn._batchnorm_act, (x, g, b, rm, rv, True, 1e-5, "h_swish"))
+    table = _table([[5, 3], [2, 1]])
+    torch.library.opcheck(kpw._grouped_pointwise_conv, (x, w, table, 6))
+    f7 = torch.randn(6, 7, 7, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(kdw._grouped_depthwise_conv, (x, f7, 1, _table([[7, 3], [3, 2]])))
 
 
 def test_elastic_layers_compile_without_graph_breaks():

@@ -2,6 +2,8 @@
 with an optional fused activation (none / relu / h_swish)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -22,6 +24,15 @@ def batchnorm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     c = x.shape[1]
     y = F.batch_norm(x, running_mean[:c], running_var[:c], weight[:c], bias[:c], training, momentum, eps)
     return apply_activation(y, act)
+
+
+def fused_batchnorm_op(choice: str) -> Callable:
+    """The fused `batchnorm_act` op of backend `choice` ("triton" or "cuda"); same signature for both."""
+    if choice == "triton":
+        from engine.kernels.batchnorm import batchnorm_act
+    else:
+        from engine.elastic.cuda_ext import batchnorm_act
+    return batchnorm_act
 
 
 class ElasticBatchNorm2d(nn.Module):
@@ -55,15 +66,26 @@ class ElasticBatchNorm2d(nn.Module):
         self.running_mean[:c].lerp_(mean.detach(), self.momentum)
         self.running_var[:c].lerp_(var.detach() * (count / max(count - 1, 1)), self.momentum)
 
+    @torch.no_grad()
+    def fold_running_stats(self, means: torch.Tensor, variances: torch.Tensor, count: int,
+                           select: torch.Tensor) -> None:
+        """Fold G batch statistics (G, C) into the [:C] running slices as G calls of
+        `update_running_stats` in order g = 0..G-1 would, channel c of group g only where select[g, c]
+        (bool): r <- r * prod_g (1 - a_g) + sum_g a_g * prod_{h>g} (1 - a_h) * stat_g, a = momentum * select.
+        One pass, no host sync (the batched sandwich's per-group widths live on the device)."""
+        c = means.shape[1]
+        a = self.momentum * select.to(self.running_mean.dtype)
+        keep = (1 - a).flip(0).cumprod(0).flip(0)                      # keep[g] = prod_{h>=g} (1 - a_h)
+        weights = a * torch.cat([keep[1:], torch.ones_like(keep[:1])])  # a_g * prod_{h>g} (1 - a_h)
+        unbiased = variances * (count / max(count - 1, 1))
+        for running, stat in ((self.running_mean, means), (self.running_var, unbiased)):
+            running[:c] = running[:c] * keep[0] + (weights * stat.to(running.dtype)).sum(0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = check_channels("features", x.shape[1], self.max_features)
         choice = backend.choose("batchnorm_act", x.device, {"triton": lambda: None, "cuda": lambda: None})
         if choice != "torch":
-            if choice == "triton":
-                from engine.kernels.batchnorm import batchnorm_act
-            else:
-                from engine.elastic.cuda_ext import batchnorm_act
-            y, mean, var = batchnorm_act(x, self.weight, self.bias, self.running_mean, self.running_var,
+            y, mean, var = fused_batchnorm_op(choice)(x, self.weight, self.bias, self.running_mean, self.running_var,
                                          self.training, self.eps, self.act)
             if self.training:
                 self.update_running_stats(mean, var, x.numel() // c)

@@ -26,106 +26,133 @@ import torch.nn.functional as F
 
 from engine.elastic import ElasticBatchNorm2d, apply_activation, hard_sigmoid
 from engine.elastic.depthwise import transformed_filter
+from engine.elastic.grouped import channel_mask, grouped_batchnorm_act, grouped_depthwise_conv, grouped_pointwise_conv
 from engine.elastic.se import se_mid_channels
-from engine.supernet.blocks import ConvBNAct, MBConvBlock
+from engine.supernet.blocks import MBConvBlock
 from engine.supernet.mobilenetv3 import OFAMobileNetV3
 from engine.train.losses import kd_loss, soft_labels
 from engine.train.sandwich import StepResult, touch_all
 
 
-def _conv(x: torch.Tensor, weight: torch.Tensor, groups: int, stride: int = 1) -> torch.Tensor:
-    """Grouped conv: x (N, K*cin, H, W) with weight (cout, cin, k, k) shared by the K groups."""
+class _Plan:
+    """One step's per-group settings: int32 (G, 2) tables on the device, packed into one tensor so a
+    single host-to-device copy carries them (the kernels read them there; masks are built there),
+    plus the Python-side shapes (each block's widest mid and SE widths, whether any group runs it)."""
+
+    def __init__(self, model: OFAMobileNetV3, cfgs: list[dict], device: torch.device) -> None:
+        groups, spec = len(cfgs), model.spec
+        self.groups = groups
+        self.blocks: list[tuple[MBConvBlock, int]] = [(model.first_block, -1)]
+        per_block = [[(3, 1, True)] * groups]
+        for s in range(model.n_stages):
+            for i in range(spec.max_depth):
+                b = s * spec.max_depth + i
+                self.blocks.append((model.blocks[b], b))
+                per_block.append([(c["ks"][b], c["e"][b], i < c["d"][s]) for c in cfgs])
+        tables: dict[str, list[list[int]]] = {}
+        self.cmid, self.hidden, self.runs = [], [], []
+        for j, ((block, _), settings) in enumerate(zip(self.blocks, per_block)):
+            mids = [block.mid_channels(block.max_in, e) for _, e, _ in settings]
+            se = [se_mid_channels(m) for m in mids]
+            self.cmid.append(max(mids))
+            self.hidden.append(max(se))
+            self.runs.append(any(a for _, _, a in settings))
+            tables[f"{j}.expand"] = [[m, block.max_in] for m in mids]
+            tables[f"{j}.dw"] = [[k, m] for (k, _, _), m in zip(settings, mids)]
+            tables[f"{j}.se"] = [[h, m] for h, m in zip(se, mids)]
+            tables[f"{j}.project"] = [[block.out, m] for m in mids]
+            tables[f"{j}.active"] = [[int(a), 0] for _, _, a in settings]
+        self.kernel_sizes = [[k for k, _, _ in settings] for settings in per_block]
+        for name, conv in (("final", model.final_expand.conv), ("mix", model.feature_mix)):
+            tables[name] = [[conv.max_out, conv.max_in]] * groups
+        tables["all"] = [[1, 0]] * groups
+        packed = torch.tensor(list(tables.values()), dtype=torch.int32)
+        if device.type == "cuda":
+            packed = packed.pin_memory()
+        packed = packed.to(device, non_blocking=True)
+        self.table = dict(zip(tables, packed.unbind(0)))
+
+
+def _conv(x: torch.Tensor, weight: torch.Tensor, groups: int, stride: int) -> torch.Tensor:
+    """Grouped regular conv (the stem): x (N, K*cin, H, W), weight (cout, cin, k, k) shared by the K groups."""
     k = weight.shape[-1]
     return F.conv2d(x, weight.repeat(groups, 1, 1, 1), None, stride, k // 2, 1, groups)
 
 
-def _bn(bn: ElasticBatchNorm2d, x: torch.Tensor, groups: int, widths: list[int] | None, active: list[bool],
-        mask: torch.Tensor | None) -> torch.Tensor:
-    """Per-(group, channel) batch norm + activation; running stats updated group by group in order."""
+def _bn(bn: ElasticBatchNorm2d, x: torch.Tensor, groups: int, active: torch.Tensor,
+        widths: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-(group, channel) BN + activation, zero beyond each group's width; the running statistics of
+    the active groups' channel prefixes are folded in group order (the sequential loop's order)."""
     n, kc, h, w = x.shape
     c = kc // groups
-    stats_in = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    var, mean = torch.var_mean(stats_in, dim=(0, 2, 3), unbiased=False)       # (K*C,)
-    scale = bn.weight[:c].repeat(groups) * torch.rsqrt(var + bn.eps)
-    y = (x - mean[None, :, None, None]) * scale[None, :, None, None] + bn.bias[:c].repeat(groups)[None, :, None, None]
-    y = apply_activation(y.to(x.dtype), bn.act)
-    if mask is not None:
-        y = y * mask[None, :, None, None]
-    for g in range(groups):
-        if active[g]:
-            width = c if widths is None else widths[g]
-            bn.update_running_stats(mean[g * c:g * c + width], var[g * c:g * c + width], n * h * w)
+    mask = None if widths is None else channel_mask(widths, c, x.dtype)
+    y, mean, var = grouped_batchnorm_act(x, bn.weight, bn.bias, groups, mask, bn.eps, bn.act)
+    select = active.bool()[:, None].expand(groups, c)
+    if widths is not None:
+        select = select & (mask.view(groups, c) > 0)
+    bn.fold_running_stats(mean, var, n * h * w, select)
     return y
 
 
-def _conv_bn(layer: ConvBNAct, x: torch.Tensor, groups: int) -> torch.Tensor:
-    y = _conv(x, layer.conv.weight[:layer.conv.max_out, :x.shape[1] // groups], groups, layer.conv.stride)
-    return _bn(layer.bn, y, groups, None, [True] * groups, None)
-
-
-def _se(block: MBConvBlock, x: torch.Tensor, groups: int, mids: list[int], mask: torch.Tensor) -> torch.Tensor:
+def _se(block: MBConvBlock, x: torch.Tensor, groups: int, hidden: int, se_widths: torch.Tensor) -> torch.Tensor:
+    """Per-group SE. Channels beyond a group's width are zero in x, so only the hidden units need a mask."""
     n, kc = x.shape[:2]
     c = kc // groups
-    se_mids = [se_mid_channels(m) for m in mids]
-    hidden = max(se_mids)
     s = x.mean((2, 3)).view(n, groups, c)                                      # (N, K, C)
     r, e = block.se.reduce, block.se.expand
     z = F.relu(F.linear(s, r.weight[:hidden, :c], r.bias[:hidden]))           # (N, K, hidden)
-    z = z * (torch.arange(hidden, device=x.device)[None, :] < torch.tensor(se_mids, device=x.device)[:, None])
+    z = z * channel_mask(se_widths, hidden, z.dtype).view(groups, hidden)
     gate = hard_sigmoid(F.linear(z, e.weight[:c, :hidden], e.bias[:c]))        # (N, K, C)
-    return x * (gate.reshape(n, kc) * mask)[:, :, None, None]
+    return x * gate.reshape(n, kc)[:, :, None, None]
 
 
-def _block(block: MBConvBlock, x: torch.Tensor, groups: int, cfgs: list[tuple[int, int, bool]]) -> torch.Tensor:
-    """cfgs[g] = (kernel size, expand ratio, active) of group g."""
-    n, kc, _, _ = x.shape
-    cin = kc // groups
-    active = [a for _, _, a in cfgs]
-    mids = [block.mid_channels(cin, e) for _, e, _ in cfgs]
-    cmid = max(mids)
-    mask = (torch.arange(cmid, device=x.device)[None, :] < torch.tensor(mids, device=x.device)[:, None])
-    mask = mask.to(x.dtype).reshape(-1)                                       # (K*cmid,)
-    h = x
-    if block.has_expand:
-        h = _bn(block.ib_bn, _conv(h, block.ib_conv.weight[:cmid, :cin], groups), groups, mids, active, mask)
+def _filters(block: MBConvBlock, cmid: int, kernel_sizes: list[int]) -> torch.Tensor:
+    """(K*cmid, kmax, kmax): group g's transformed k_g x k_g filter, zero-embedded in the largest kernel."""
     dw = block.dw_conv
     kmax = dw.kernel_sizes[-1]
-    filters = []
-    for k, _, _ in cfgs:
-        f = transformed_filter(dw.weight, dw.transforms, dw.kernel_sizes, cmid, k)    # (cmid, k, k)
+    padded = {}
+    for k in sorted(set(kernel_sizes)):
         p = (kmax - k) // 2
-        filters.append(F.pad(f, (p, p, p, p)))
-    filt = torch.cat(filters).unsqueeze(1)                                      # (K*cmid, 1, kmax, kmax)
-    h = F.conv2d(h, filt, None, dw.stride, kmax // 2, 1, groups * cmid)
-    h = _bn(block.dw_bn, h, groups, mids, active, mask)
+        padded[k] = F.pad(transformed_filter(dw.weight, dw.transforms, dw.kernel_sizes, cmid, k), (p, p, p, p))
+    return torch.cat([padded[k] for k in kernel_sizes])
+
+
+def _block(plan: _Plan, j: int, x: torch.Tensor) -> torch.Tensor:
+    """Block j of the plan (0: the first block) for all groups."""
+    block, groups, t = plan.blocks[j][0], plan.groups, plan.table
+    cmid, active = plan.cmid[j], t[f"{j}.active"][:, 0]
+    mids = t[f"{j}.dw"][:, 1]
+    h = x
+    if block.has_expand:
+        h = grouped_pointwise_conv(h, block.ib_conv.weight, t[f"{j}.expand"], cmid)
+        h = _bn(block.ib_bn, h, groups, active, mids)
+    h = grouped_depthwise_conv(h, _filters(block, cmid, plan.kernel_sizes[j]), block.dw_conv.stride, t[f"{j}.dw"])
+    h = _bn(block.dw_bn, h, groups, active, mids)
     if block.se is not None:
-        h = _se(block, h, groups, mids, mask)
-    h = _bn(block.pw_bn, _conv(h, block.pw_conv.weight[:block.out, :cmid], groups), groups, None, active, None)
-    if block.residual:
-        h = h + x
-    if not all(active):                      # only residual blocks can be skipped (depth >= 1 per stage)
-        keep = torch.tensor(active, device=x.device)[None, :, None, None, None]
-        h = torch.where(keep, h.view(n, groups, cin, *h.shape[2:]), x.view(n, groups, cin, *x.shape[2:]))
-        h = h.reshape(n, kc, *h.shape[3:])
+        h = _se(block, h, groups, plan.hidden[j], t[f"{j}.se"][:, 0])
+    h = _bn(block.pw_bn, grouped_pointwise_conv(h, block.pw_conv.weight, t[f"{j}.project"], block.out), groups, active)
+    if block.residual:                # a skipped block (only residual ones can be) is the identity for its group
+        n, kc = x.shape[:2]
+        keep = active.bool()[None, :, None, None, None]
+        h = torch.where(keep, (h + x).view(n, groups, kc // groups, *h.shape[2:]),
+                        x.view(n, groups, kc // groups, *x.shape[2:])).view(x.shape)
     return h
 
 
 def batched_forward(model: OFAMobileNetV3, images: torch.Tensor, cfgs: list[dict]) -> torch.Tensor:
     """Logits of every subnet in `cfgs` on `images` (N, 3, R, R): (N, K, classes). Training mode."""
-    groups, spec = len(cfgs), model.spec
+    plan = _Plan(model, cfgs, images.device)
+    groups, every = plan.groups, plan.table["all"][:, 0]
     x = images.repeat(1, groups, 1, 1)                                         # (N, K*3, R, R)
-    x = _conv_bn(model.first_conv, x, groups)
-    x = _block(model.first_block, x, groups, [(3, 1, True)] * groups)
-    for s in range(model.n_stages):
-        for i in range(spec.max_depth):
-            b = s * spec.max_depth + i
-            per_group = [(c["ks"][b], c["e"][b], i < c["d"][s]) for c in cfgs]
-            if any(a for _, _, a in per_group):
-                x = _block(model.blocks[b], x, groups, per_group)
-    x = _conv_bn(model.final_expand, x, groups)
+    stem = model.first_conv
+    x = _bn(stem.bn, _conv(x, stem.conv.weight, groups, stem.conv.stride), groups, every)
+    for j in range(len(plan.blocks)):
+        if plan.runs[j]:
+            x = _block(plan, j, x)
+    fe, fm = model.final_expand, model.feature_mix
+    x = _bn(fe.bn, grouped_pointwise_conv(x, fe.conv.weight, plan.table["final"], fe.conv.max_out), groups, every)
     x = x.mean((2, 3), keepdim=True)                                           # (N, K*960w, 1, 1)
-    fm = model.feature_mix
-    x = apply_activation(_conv(x, fm.weight[:, :x.shape[1] // groups], groups), "h_swish")
+    x = apply_activation(grouped_pointwise_conv(x, fm.weight, plan.table["mix"], fm.max_out), "h_swish")
     x = model.dropout(x.flatten(1)).view(images.shape[0], groups, -1)          # (N, K, 1280w)
     return model.classifier(x)                                                 # (N, K, classes)
 
