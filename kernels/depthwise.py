@@ -34,15 +34,17 @@ def _pixels(p, H, W):
 
 @triton.jit
 def _group(lim_ptr, CG, K: tl.constexpr, BLOCK_C: tl.constexpr, GROUPED: tl.constexpr):
-    """This program's group g (grid axis 2): its kernel size, first tap of its centred window in the
-    K x K filter, channel indices (global c, in-group cl) and masks (c < group width, cl < CG)."""
+    """This program's group g (grid axis 2): its kernel size k, the first tap of its centred window in
+    the K x K filter, whether any of its channels is within the group's width, its channel indices
+    (global) and masks (within the width; within the group). One group: all compile-time constants."""
     g = tl.program_id(2)
-    k, width = K, CG
+    k, width, live = K, CG, True
     if GROUPED:
         k = tl.load(lim_ptr + g * 2)
         width = tl.load(lim_ptr + g * 2 + 1)
+        live = tl.program_id(1) * BLOCK_C < width
     cl = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    return k, (K - k) // 2, g * CG + cl, cl < width, cl < CG
+    return k, (K - k) // 2, live, g * CG + cl, cl < width, cl < CG
 
 
 @triton.jit
@@ -50,21 +52,20 @@ def _dw_forward_kernel(x_ptr, f_ptr, y_ptr, lim_ptr, N, H, W, CG, CT, OH, OW, s_
                        K: tl.constexpr, STRIDE: tl.constexpr, GROUPED: tl.constexpr,
                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)        # output pixel index in N*OH*OW
-    k, lo, c, cm, cs = _group(lim_ptr, CG, K, BLOCK_C, GROUPED)
+    k, lo, live, c, cm, cs = _group(lim_ptr, CG, K, BLOCK_C, GROUPED)
     pm = p < N * OH * OW
     n, oh, ow = _pixels(p, OH, OW)
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for kh in tl.static_range(K):
         ih = oh * STRIDE - K // 2 + kh
-        tap_h = (kh >= lo) & (kh < lo + k)
         for kw in tl.static_range(K):
-            iw = ow * STRIDE - K // 2 + kw
-            tap = cm & tap_h & (kw >= lo) & (kw < lo + k)
-            ok = pm & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            xv = tl.load(x_ptr + ((n * H + ih) * W + iw)[:, None] * CT + c[None, :],
-                         mask=ok[:, None] & tap[None, :], other=0.0)
-            fv = tl.load(f_ptr + c * s_fc + kh * s_fh + kw * s_fw, mask=tap, other=0.0)
-            acc += xv.to(tl.float32) * fv.to(tl.float32)[None, :]
+            if live & (kh >= lo) & (kh < lo + k) & (kw >= lo) & (kw < lo + k):     # group's window only
+                iw = ow * STRIDE - K // 2 + kw
+                ok = pm & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                xv = tl.load(x_ptr + ((n * H + ih) * W + iw)[:, None] * CT + c[None, :],
+                             mask=ok[:, None] & cm[None, :], other=0.0)
+                fv = tl.load(f_ptr + c * s_fc + kh * s_fh + kw * s_fw, mask=cm, other=0.0)
+                acc += xv.to(tl.float32) * fv.to(tl.float32)[None, :]
     tl.store(y_ptr + p[:, None] * CT + c[None, :], acc.to(y_ptr.dtype.element_ty), mask=pm[:, None] & cs[None, :])
 
 
@@ -73,7 +74,7 @@ def _dw_grad_input_kernel(gy_ptr, f_ptr, gx_ptr, lim_ptr, N, H, W, CG, CT, OH, O
                           K: tl.constexpr, STRIDE: tl.constexpr, GROUPED: tl.constexpr,
                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)        # input pixel index in N*H*W
-    k, lo, c, cm, cs = _group(lim_ptr, CG, K, BLOCK_C, GROUPED)
+    k, lo, live, c, cm, cs = _group(lim_ptr, CG, K, BLOCK_C, GROUPED)
     pm = p < N * H * W
     n, ih, iw = _pixels(p, H, W)
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
@@ -82,17 +83,16 @@ def _dw_grad_input_kernel(gy_ptr, f_ptr, gx_ptr, lim_ptr, N, H, W, CG, CT, OH, O
         thc = tl.maximum(th, 0)
         oh = thc // STRIDE
         okh = (th >= 0) & (thc % STRIDE == 0) & (oh < OH)
-        tap_h = (kh >= lo) & (kh < lo + k)
         for kw in tl.static_range(K):
-            tw = iw + K // 2 - kw
-            twc = tl.maximum(tw, 0)
-            ow = twc // STRIDE
-            tap = cm & tap_h & (kw >= lo) & (kw < lo + k)
-            ok = pm & okh & (tw >= 0) & (twc % STRIDE == 0) & (ow < OW)
-            g = tl.load(gy_ptr + ((n * OH + oh) * OW + ow)[:, None] * CT + c[None, :],
-                        mask=ok[:, None] & tap[None, :], other=0.0)
-            fv = tl.load(f_ptr + c * s_fc + kh * s_fh + kw * s_fw, mask=tap, other=0.0)
-            acc += g.to(tl.float32) * fv.to(tl.float32)[None, :]
+            if live & (kh >= lo) & (kh < lo + k) & (kw >= lo) & (kw < lo + k):
+                tw = iw + K // 2 - kw
+                twc = tl.maximum(tw, 0)
+                ow = twc // STRIDE
+                ok = pm & okh & (tw >= 0) & (twc % STRIDE == 0) & (ow < OW)
+                g = tl.load(gy_ptr + ((n * OH + oh) * OW + ow)[:, None] * CT + c[None, :],
+                            mask=ok[:, None] & cm[None, :], other=0.0)
+                fv = tl.load(f_ptr + c * s_fc + kh * s_fh + kw * s_fw, mask=cm, other=0.0)
+                acc += g.to(tl.float32) * fv.to(tl.float32)[None, :]
     tl.store(gx_ptr + p[:, None] * CT + c[None, :], acc.to(gx_ptr.dtype.element_ty), mask=pm[:, None] & cs[None, :])
 
 
@@ -103,7 +103,7 @@ def _dw_grad_filter_kernel(x_ptr, gy_ptr, part_ptr, lim_ptr, N, H, W, CG, CT, OH
     """partial[split, tap, c] over this split's output pixels; taps outside a group's window and
     channels beyond its width get 0 (grid: channel blocks, splits, groups)."""
     split = tl.program_id(0)
-    k, lo, c, cm, cs = _group(lim_ptr, CG, K, BLOCK_C, GROUPED)
+    k, lo, live, c, cm, cs = _group(lim_ptr, CG, K, BLOCK_C, GROUPED)
     taps = tl.arange(0, BLOCK_T)
     acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
     p_lo = split * p_per_split
@@ -115,15 +115,14 @@ def _dw_grad_filter_kernel(x_ptr, gy_ptr, part_ptr, lim_ptr, N, H, W, CG, CT, OH
         g = tl.load(gy_ptr + p[:, None] * CT + c[None, :], mask=pm[:, None] & cm[None, :], other=0.0).to(tl.float32)
         for kh in tl.static_range(K):
             ih = oh * STRIDE - K // 2 + kh
-            tap_h = (kh >= lo) & (kh < lo + k)
             for kw in tl.static_range(K):
-                iw = ow * STRIDE - K // 2 + kw
-                tap = cm & tap_h & (kw >= lo) & (kw < lo + k)
-                ok = pm & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                xv = tl.load(x_ptr + ((n * H + ih) * W + iw)[:, None] * CT + c[None, :],
-                             mask=ok[:, None] & tap[None, :], other=0.0)
-                contrib = tl.sum(xv.to(tl.float32) * g, axis=0)                     # (BLOCK_C,)
-                acc += tl.where(taps[:, None] == kh * K + kw, contrib[None, :], 0.0)
+                if live & (kh >= lo) & (kh < lo + k) & (kw >= lo) & (kw < lo + k):
+                    iw = ow * STRIDE - K // 2 + kw
+                    ok = pm & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                    xv = tl.load(x_ptr + ((n * H + ih) * W + iw)[:, None] * CT + c[None, :],
+                                 mask=ok[:, None] & cm[None, :], other=0.0)
+                    contrib = tl.sum(xv.to(tl.float32) * g, axis=0)                 # (BLOCK_C,)
+                    acc += tl.where(taps[:, None] == kh * K + kw, contrib[None, :], 0.0)
     out = part_ptr + split * (K * K * CT) + taps[:, None] * CT + c[None, :]
     tl.store(out, acc, mask=(taps[:, None] < K * K) & cs[None, :])
 

@@ -96,12 +96,17 @@ def _note_fallback(op: str, backend: str, reason: str) -> None:
         log.warning("%s: %s backend does not cover this call (%s); using the torch reference", op, backend, reason)
 
 
-def choose(op: str, device: torch.device, limits: dict[str, Callable[[], str | None]]) -> str:
-    """Pick the backend for one call of `op` on tensors living on `device`.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def choose(op: str, x: torch.Tensor, limits: dict[str, Callable[[], str | None]]) -> str:
+    """Pick the backend for one call of `op` on activations `x` (its device and dtype).
 
     `limits` maps a backend name to a function returning None when that backend's kernel covers
     this call, or the reason it does not. Backends absent from `limits` have no kernel for `op`.
+    Every kernel serves float32, float16 and bfloat16 activations (float64 runs the reference).
     """
+    device = x.device
     requested = get_backend()
     if requested == "torch":
         return "torch"
@@ -119,7 +124,7 @@ def choose(op: str, device: torch.device, limits: dict[str, Callable[[], str | N
         # trace, and an explicitly requested backend was already checked by set_backend)
         if not torch.compiler.is_compiling() and not availability(name)[0]:
             continue
-        reason = limits[name]()
+        reason = limits[name]() if x.dtype in KERNEL_DTYPES else f"dtype {x.dtype}"
         if reason is None:
             return name
         _note_fallback(op, name, reason)

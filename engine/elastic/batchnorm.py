@@ -83,7 +83,7 @@ class ElasticBatchNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = check_channels("features", x.shape[1], self.max_features)
-        choice = backend.choose("batchnorm_act", x.device, {"triton": lambda: None, "cuda": lambda: None})
+        choice = backend.choose("batchnorm_act", x, {"triton": lambda: None, "cuda": lambda: None})
         if choice != "torch":
             y, mean, var = fused_batchnorm_op(choice)(x, self.weight, self.bias, self.running_mean, self.running_var,
                                          self.training, self.eps, self.act)

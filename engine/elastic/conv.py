@@ -47,7 +47,7 @@ class ElasticConv2d(nn.Module):
         check_channels("in_channels", x.shape[1], self.max_in)
         out = self.active_out_channels
         pointwise = self.kernel_size == 1 and self.stride == 1
-        choice = backend.choose("pointwise_conv", x.device, {
+        choice = backend.choose("pointwise_conv", x, {
             "triton": lambda: None if pointwise else f"kernel {self.kernel_size}, stride {self.stride}",
         })
         if choice == "triton":

@@ -74,7 +74,7 @@ class ElasticDepthwiseConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = check_channels("channels", x.shape[1], self.max_channels)
         filt = self.active_filter(c)
-        choice = backend.choose("depthwise_conv", x.device, {"triton": lambda: None, "cuda": lambda: None})
+        choice = backend.choose("depthwise_conv", x, {"triton": lambda: None, "cuda": lambda: None})
         if choice == "triton":
             from engine.kernels.depthwise import depthwise_conv
 

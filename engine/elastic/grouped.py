@@ -51,7 +51,7 @@ def grouped_pointwise_conv(x: torch.Tensor, weight: torch.Tensor, widths: torch.
     cin = _check(x, widths, "widths")
     if weight.shape[-2:] != (1, 1) or out_per_group > weight.shape[0] or cin > weight.shape[1]:
         raise ValueError(f"weight {tuple(weight.shape)} cannot serve {out_per_group} x {cin} pointwise groups")
-    if backend.choose("grouped_pointwise_conv", x.device, {"triton": lambda: None}) == "triton":
+    if backend.choose("grouped_pointwise_conv", x, {"triton": lambda: None}) == "triton":
         from engine.kernels.pointwise import grouped_pointwise_conv as kernel
 
         return kernel(x, weight, widths, out_per_group)
@@ -81,7 +81,7 @@ def grouped_depthwise_conv(x: torch.Tensor, filt: torch.Tensor, stride: int, lim
         raise ValueError(f"filter shape {tuple(filt.shape)} does not fit input {tuple(x.shape)}")
     if stride not in (1, 2):
         raise ValueError(f"stride={stride} is not 1 or 2")
-    if backend.choose("grouped_depthwise_conv", x.device, {"triton": lambda: None}) == "triton":
+    if backend.choose("grouped_depthwise_conv", x, {"triton": lambda: None}) == "triton":
         from engine.kernels.depthwise import grouped_depthwise_conv as kernel
 
         return kernel(x, filt, stride, limits)
@@ -112,7 +112,7 @@ def grouped_batchnorm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     gamma, beta = weight[:channels].repeat(groups), bias[:channels].repeat(groups)
     if mask is not None:
         gamma, beta = gamma * mask, beta * mask
-    choice = backend.choose("batchnorm_act", x.device, {"triton": lambda: None, "cuda": lambda: None})
+    choice = backend.choose("batchnorm_act", x, {"triton": lambda: None, "cuda": lambda: None})
     if choice == "torch":
         y, mean, var = grouped_batchnorm_reference(x, gamma, beta, eps, act)
     else:   # training mode: the op ignores its running-statistics arguments, any (G*C,) tensors do
