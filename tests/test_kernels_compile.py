@@ -1,0 +1,147 @@
+"""Every Triton kernel variant the launchers use compiles to Hopper and Ampere machine code (cubin).
+
+The interpreter (TRITON_INTERPRET=1, how the numerics are tested on CPU) accepts programs the real
+compiler rejects, and no GPU is needed to compile: the ops run once in the interpreter while their
+launches (argument types and compile-time constants) are recorded, then a subprocess without the
+interpreter compiles each distinct launch with triton.compile: fp32 for sm_90, and the fp16 launches
+as bf16 (the interpreter has no bf16; the kernels treat both alike) for sm_90 and sm_80.
+On a machine with a GPU the GPU tests compile and run the kernels themselves, so this is skipped.
+"""
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+TARGETS = {"fp32": (90,), "bf16": (90, 80)}
+
+
+def _arg_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                      torch.int32: "i32", torch.int64: "i64"}[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    return "fp32"
+
+
+class _Recorder:
+    """Stands in for an interpreted kernel's `run`: notes the launch, then runs it."""
+
+    def __init__(self, module: str, name: str, kernel, launches: list) -> None:
+        self.module, self.name, self.kernel, self.launches = module, name, kernel, launches
+        self.params = inspect.signature(kernel.fn).parameters
+        self.run = kernel.run
+
+    def __call__(self, *args, **kwargs):
+        bound = dict(zip(self.params, args), **{k: v for k, v in kwargs.items() if k in self.params})
+        constexprs = {k: v for k, v in bound.items() if "constexpr" in str(self.params[k].annotation)}
+        signature = {k: "constexpr" if k in constexprs else _arg_type(v) for k, v in bound.items()}
+        self.launches.append({"module": self.module, "kernel": self.name, "signature": signature,
+                              "constexprs": constexprs})
+        return self.run(*args, **kwargs)
+
+
+def _record_launches() -> list[dict]:
+    """Run each op (forward and backward, fp32 and fp16) in the interpreter; the distinct launches."""
+    import engine.kernels.batchnorm as kbn
+    import engine.kernels.depthwise as kdw
+    import engine.kernels.pointwise as kpw
+
+    launches: list[dict] = []
+    recorders = [_Recorder(mod.__name__, name, kernel, launches) for mod in (kpw, kdw, kbn)
+                 for name, kernel in vars(mod).items() if name.endswith("_kernel")]
+    for r in recorders:
+        r.kernel.run = r
+    try:
+        for dtype in (torch.float32, torch.float16):
+            _exercise(kpw, kdw, kbn, dtype)
+    finally:
+        for r in recorders:
+            del r.kernel.run
+    return [json.loads(u) for u in sorted({json.dumps(launch, sort_keys=True) for launch in launches})]
+
+
+def _exercise(kpw, kdw, kbn, dtype: torch.dtype) -> None:
+    """One forward + backward of every op variant the layers and the batched step launch."""
+    def chw(*shape):
+        return torch.randn(*shape, dtype=dtype).to(memory_format=torch.channels_last).requires_grad_()
+
+    def back(y):
+        y.backward(torch.randn_like(y))
+
+    w = torch.randn(9, 8, 1, 1, dtype=dtype, requires_grad=True)
+    back(kpw.pointwise_conv(chw(2, 8, 3, 3), w, torch.randn(9, dtype=dtype, requires_grad=True), 7))
+    widths = torch.tensor([[9, 8], [4, 3]], dtype=torch.int32)
+    back(kpw.grouped_pointwise_conv(chw(2, 16, 3, 3), w, widths, 9))
+    for k in (3, 7):
+        for stride in (1, 2):
+            back(kdw.depthwise_conv(chw(1, 8, 5, 5), torch.randn(8, k, k, dtype=dtype, requires_grad=True), stride))
+            limits = torch.tensor([[7, 4], [k, 3]], dtype=torch.int32)
+            f = torch.randn(8, 7, 7, dtype=dtype, requires_grad=True)
+            back(kdw.grouped_depthwise_conv(chw(1, 8, 5, 5), f, stride, limits))
+    g, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    for act in kbn.ACT_CODE:
+        for training in (True, False):
+            back(kbn.batchnorm_act(chw(2, 8, 3, 3), g, b, torch.zeros(8), torch.ones(8), training, 1e-5, act)[0])
+
+
+def _compile(launches: list[dict]) -> list[dict]:
+    """In a subprocess without the interpreter: compile each launch for TARGETS; per-launch results."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, __file__], input=json.dumps(launches), capture_output=True,
+                          text=True, env=env, timeout=1800)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels themselves")
+def test_every_kernel_variant_compiles_for_sm90_and_sm80():
+    launches = _record_launches()
+    kernels = {launch["kernel"] for launch in launches}
+    assert {"_matmul_kernel", "_dw_forward_kernel", "_dw_grad_input_kernel", "_dw_grad_filter_kernel",
+            "_reduce_kernel", "_apply_kernel"} <= kernels
+    results = _compile(launches)
+    failures = [r for r in results if r["error"]]
+    assert not failures, "\n".join(f"{r['kernel']} {r['target']}: {r['error']}" for r in failures)
+
+
+def _compile_one(job: tuple[dict, str, int]) -> dict:
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    launch, dtype, arch = job
+    kernel = getattr(importlib.import_module(launch["module"]), launch["kernel"])
+    signature = {k: t.replace("fp16", dtype) for k, t in launch["signature"].items()}
+    entry = {"kernel": launch["kernel"], "target": f"sm_{arch} {dtype}", "error": None}
+    try:
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs=launch["constexprs"]),
+                                  target=GPUTarget("cuda", arch, 32))
+        entry["shared_bytes"] = compiled.metadata.shared
+    except Exception as exc:  # noqa: BLE001 - reported per launch by the test
+        entry["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+    return entry
+
+
+def _compile_main() -> None:
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = []
+    for launch in json.load(sys.stdin):
+        half = any(t == "*fp16" for t in launch["signature"].values())
+        dtype = "bf16" if half else "fp32"
+        jobs += [(launch, dtype, arch) for arch in TARGETS[dtype]]
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        json.dump(list(pool.map(_compile_one, jobs)), sys.stdout)
+
+
+if __name__ == "__main__":
+    _compile_main()
