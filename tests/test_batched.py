@@ -93,3 +93,34 @@ def test_batched_block_on_triton_matches_torch(want):
         scale = truth.abs().max().clamp_min(1e-30)
         err_torch, err_fast = ((t - truth).abs().max() / scale for t in (torch32.double(), fast.double()))
         assert err_fast <= 2 * err_torch + 1e-5, (name, err_fast.item(), err_torch.item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant,res,n", [("cifar", 32, 32), ("imagenet", 64, 16)])
+def test_batched_on_gpu_matches_sequential(variant, res, n):
+    """On a GPU, the whole batched step on the grouped Triton kernels against the sequential step on
+    the per-layer kernels, fp32 without TF32: loss and every gradient (enough samples that BN over the
+    last stage is well conditioned in fp32)."""
+    from engine.elastic import use_backend
+
+    previous = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        torch.manual_seed(0)
+        seq = ofa_mobilenetv3(variant, num_classes=10, dropout=0.0).cuda().to(memory_format=torch.channels_last)
+        bat = copy.deepcopy(seq)
+        x = torch.randn(n, 3, res, res, device="cuda").to(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (n,), device="cuda")
+        cfgs = sample_sandwich(seq, "shrink", 4, "random", torch.Generator().manual_seed(0))
+        with use_backend("triton"):
+            r1 = sequential_step(seq, seq, x, y, cfgs, [1.0, 0.5, 0.5, 0.5], 0.1, 1.0, None, None)
+            r2 = batched_step(bat, BatchedSandwich(bat), x, y, cfgs, [1.0, 0.5, 0.5, 0.5], 0.1, 1.0, None, None)
+    finally:
+        torch.set_float32_matmul_precision(previous[0])
+        torch.backends.cudnn.allow_tf32 = previous[1]
+    assert r2.loss_max == pytest.approx(r1.loss_max, rel=1e-4)
+    assert r2.loss_subnets == pytest.approx(r1.loss_subnets, rel=1e-4)
+    for (name, p), q in zip(seq.named_parameters(), bat.parameters()):
+        if p.grad is not None:
+            assert (q.grad - p.grad).abs().max() <= 1e-3 * p.grad.abs().max() + 1e-6, name

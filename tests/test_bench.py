@@ -1,7 +1,7 @@
 """The benchmarks run end to end on a CPU (smoke: timings are labelled CPU and never asserted)."""
 import json
 
-from bench import layers, run_throughput
+from bench import grouped, layers, run_throughput
 
 
 def test_throughput_smoke(tmp_path, monkeypatch, capsys):
@@ -24,6 +24,11 @@ def test_throughput_smoke(tmp_path, monkeypatch, capsys):
 def test_layers_smoke(capsys):
     assert layers.main(["--device", "cpu", "--batch", "1", "--no-save"]) == 0
     assert "dw_k7_s1_96ch_56px" in capsys.readouterr().out
+
+
+def test_grouped_smoke(capsys):
+    assert grouped.main(["--device", "cpu", "--batch", "1", "--no-save"]) == 0
+    assert "dw_k7533_672ch_14px" in capsys.readouterr().out
 
 
 def test_loader_throughput_smoke(capsys):
