@@ -1,23 +1,24 @@
 """Batched sandwich: the K subnets of a step in one forward and one backward.
 
 Layout: the K subnets are stacked along the channel axis, (N, K*C, H, W), group k holding subnet
-k's activations. Then
-  * a conv is one grouped conv (groups=K) with the shared weight slice repeated K times,
-  * a depthwise conv is one conv with groups=K*C whose filters are each subnet's transformed k x k
-    filter zero-embedded in the largest kernel (the zero taps add nothing: identical outputs),
+k's activations; every layer is one grouped op (engine/elastic/grouped.py: Triton kernels on a GPU,
+PyTorch references elsewhere) reading each group's own slice of the shared weights:
+  * a 1x1 conv multiplies group k by W[:o_k, :i_k] (the stem's 3x3 conv: groups=K, same width),
+  * a depthwise conv applies group k's transformed k_k x k_k filter (zero-embedded in the largest
+    kernel, of which the kernel reads only the group's window) to its first mid_k channels,
   * batch norm statistics per (group, channel) are per-channel statistics of the stacked tensor:
-    each subnet's own, over its samples; the running statistics are updated group by group in the
-    sandwich's order, as the sequential loop does;
-  * widths: inside a block only the expanded (mid) channels are elastic; each group computes at the
-    largest mid width of the step and a 0/1 channel mask zeroes the channels beyond its own after
-    every BN and in the SE, so values and gradients equal the narrow subnet's exactly;
+    each subnet's own, over its samples; the running statistics of each group's channel prefix are
+    folded in the sandwich's order, as the sequential loop updates them;
+  * widths: inside a block only the expanded (mid) channels are elastic; each group's tensor has
+    the step's largest mid width and is zero beyond its own (the convs write zeros there, BN folds a
+    0/1 mask into its affine parameters), so values and gradients equal the narrow subnet's exactly;
   * depth: a block a subnet skips still runs for its group, and `where` keeps that group's input
     (an identity for it: no gradient reaches the block's weights from that group; its batch
     statistics are not folded into the running statistics).
-Cost model: fewer, larger launches (one per layer instead of K) at the price of computing every
-group at the step's largest width and kernel size (about 1.8x the FLOPs of the sequential sandwich
-for K = 4 with the max net in it). Every step has the same shapes (only masks and filters change),
-which is what a CUDA-graph capture needs. Dropout draws different masks than the sequential loop.
+Per-group widths and kernel sizes are int32 tables on the device (one host-to-device copy a step).
+Every step with the max net in it has the same shapes. Dropout draws different masks than the
+sequential loop. The Python-side structure (which blocks run, which transformed filters are built)
+still follows the sampled configs, so the step is not yet captured in a CUDA graph.
 """
 from __future__ import annotations
 
