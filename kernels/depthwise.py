@@ -56,7 +56,7 @@ def _dw_forward_kernel(x_ptr, f_ptr, y_ptr, lim_ptr, N, H, W, CG, CT, OH, OW, s_
     pm = p < N * OH * OW
     n, oh, ow = _pixels(p, OH, OW)
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    for kh in tl.static_range(K):
+    for kh in range(K):      # a rolled loop: 7x7 unrolled taps spilled registers (sm_90, 255 regs)
         ih = oh * STRIDE - K // 2 + kh
         for kw in tl.static_range(K):
             if live & (kh >= lo) & (kh < lo + k) & (kw >= lo) & (kw < lo + k):     # group's window only
@@ -78,7 +78,7 @@ def _dw_grad_input_kernel(gy_ptr, f_ptr, gx_ptr, lim_ptr, N, H, W, CG, CT, OH, O
     pm = p < N * H * W
     n, ih, iw = _pixels(p, H, W)
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    for kh in tl.static_range(K):
+    for kh in range(K):      # a rolled loop: 7x7 unrolled taps spilled registers (sm_90, 255 regs)
         th = ih + K // 2 - kh                                     # = oh * STRIDE when a tap hits
         thc = tl.maximum(th, 0)
         oh = thc // STRIDE
@@ -113,7 +113,7 @@ def _dw_grad_filter_kernel(x_ptr, gy_ptr, part_ptr, lim_ptr, N, H, W, CG, CT, OH
         pm = p < p_hi
         n, oh, ow = _pixels(p, OH, OW)
         g = tl.load(gy_ptr + p[:, None] * CT + c[None, :], mask=pm[:, None] & cm[None, :], other=0.0).to(tl.float32)
-        for kh in tl.static_range(K):
+        for kh in range(K):      # a rolled loop: 7x7 unrolled taps spilled registers (sm_90, 255 regs)
             ih = oh * STRIDE - K // 2 + kh
             for kw in tl.static_range(K):
                 if live & (kh >= lo) & (kh < lo + k) & (kw >= lo) & (kw < lo + k):
