@@ -12,7 +12,7 @@ programs (fp32 partials summed once: deterministic); dF rows for all k² taps ar
 (next_pow2(k²), BLOCK_C) tile so dY is read once.
 Grouped form (the batched sandwich): G channel groups, each with its own kernel size k_g <= K and
 width c_g from a (G, 2) int32 table; the filter is (G*C, K, K) and group g reads only its centred
-k_g x k_g window (other taps' loads are masked off, so they cost no memory traffic).
+k_g x k_g window (a uniform branch per tap skips the others) and only its first c_g channels.
 Reference: engine.elastic.depthwise.depthwise_reference (grouped: engine.elastic.grouped).
 """
 from __future__ import annotations
@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from engine.elastic.utils import check_depthwise_filter
 
 from .common import autocast_input, depthwise_autograd, empty_nchw_channels_last, rows, splits
 
@@ -195,8 +197,7 @@ _depthwise_conv.register_autograd(_backward, setup_context=_setup)
 
 def depthwise_conv(x: torch.Tensor, filt: torch.Tensor, stride: int) -> torch.Tensor:
     """Depthwise conv: x (N, C, H, W), filt (C, k, k) any strides -> (N, C, ceil(H/s), ceil(W/s)) channels-last."""
-    if filt.dim() != 3 or filt.shape[0] != x.shape[1] or filt.shape[1] != filt.shape[2] or filt.shape[1] % 2 == 0:
-        raise ValueError(f"filter shape {tuple(filt.shape)} does not fit input {tuple(x.shape)}")
+    check_depthwise_filter(x, filt)
     return _depthwise_conv(autocast_input(x), filt, stride)
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from engine.elastic import backend
 from engine.elastic.activations import apply_activation
 from engine.elastic.batchnorm import fused_batchnorm_op
+from engine.elastic.utils import check_depthwise_filter
 
 
 def channel_mask(widths: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Tensor:
@@ -77,8 +78,7 @@ def grouped_depthwise_conv(x: torch.Tensor, filt: torch.Tensor, stride: int, lim
     (K odd, the largest kernel), limits[g] = [k_g, c_g] -> (N, G*C, ceil(H/s), ceil(W/s)); group g
     uses the centred k_g x k_g taps of its filters on its first c_g channels, zero beyond c_g."""
     _check(x, limits, "limits")
-    if filt.dim() != 3 or filt.shape[0] != x.shape[1] or filt.shape[1] != filt.shape[2] or filt.shape[1] % 2 == 0:
-        raise ValueError(f"filter shape {tuple(filt.shape)} does not fit input {tuple(x.shape)}")
+    check_depthwise_filter(x, filt)
     if stride not in (1, 2):
         raise ValueError(f"stride={stride} is not 1 or 2")
     if backend.choose("grouped_depthwise_conv", x, {"triton": lambda: None}) == "triton":

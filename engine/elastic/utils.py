@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import torch
+
 
 def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
     """Round `v` to the nearest multiple of `divisor`, never below 90% of `v` (the MobileNet rule)."""
@@ -26,3 +28,9 @@ def check_choice(name: str, value: int, choices: Iterable[int]) -> int:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {choices}")
     return value
+
+
+def check_depthwise_filter(x: torch.Tensor, filt: torch.Tensor) -> None:
+    """Raise ValueError unless filt is (C, k, k) with odd k for x (N, C, H, W)."""
+    if filt.dim() != 3 or filt.shape[0] != x.shape[1] or filt.shape[1] != filt.shape[2] or filt.shape[1] % 2 == 0:
+        raise ValueError(f"filter shape {tuple(filt.shape)} does not fit input {tuple(x.shape)}")
