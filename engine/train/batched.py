@@ -43,16 +43,16 @@ class _Plan:
     def __init__(self, model: OFAMobileNetV3, cfgs: list[dict], device: torch.device) -> None:
         groups, spec = len(cfgs), model.spec
         self.groups = groups
-        self.blocks: list[tuple[MBConvBlock, int]] = [(model.first_block, -1)]
+        self.blocks: list[MBConvBlock] = [model.first_block]
         per_block = [[(3, 1, True)] * groups]
         for s in range(model.n_stages):
             for i in range(spec.max_depth):
                 b = s * spec.max_depth + i
-                self.blocks.append((model.blocks[b], b))
+                self.blocks.append(model.blocks[b])
                 per_block.append([(c["ks"][b], c["e"][b], i < c["d"][s]) for c in cfgs])
         tables: dict[str, list[list[int]]] = {}
         self.cmid, self.hidden, self.runs = [], [], []
-        for j, ((block, _), settings) in enumerate(zip(self.blocks, per_block)):
+        for j, (block, settings) in enumerate(zip(self.blocks, per_block)):
             mids = [block.mid_channels(block.max_in, e) for _, e, _ in settings]
             se = [se_mid_channels(m) for m in mids]
             self.cmid.append(max(mids))
@@ -80,17 +80,25 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, groups: int, stride: int) -> to
     return F.conv2d(x, weight.repeat(groups, 1, 1, 1), None, stride, k // 2, 1, groups)
 
 
-def _bn(bn: ElasticBatchNorm2d, x: torch.Tensor, groups: int, active: torch.Tensor,
-        widths: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-(group, channel) BN + activation, zero beyond each group's width; the running statistics of
-    the active groups' channel prefixes are folded in group order (the sequential loop's order)."""
-    n, kc, h, w = x.shape
-    c = kc // groups
-    mask = None if widths is None else channel_mask(widths, c, x.dtype)
+def _selection(active: torch.Tensor, channels: int,
+               widths: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(0/1 width mask (G*C,) or None, running-stat selection (G, C) bool): the channels of each group
+    within its width, of the groups that run the layer."""
+    groups = active.shape[0]
+    select = active.bool()[:, None].expand(groups, channels)
+    if widths is None:
+        return None, select
+    mask = channel_mask(widths, channels, torch.float32)
+    return mask, select & (mask.view(groups, channels) > 0)
+
+
+def _bn(bn: ElasticBatchNorm2d, x: torch.Tensor, groups: int,
+        selection: tuple[torch.Tensor | None, torch.Tensor]) -> torch.Tensor:
+    """Per-(group, channel) BN + activation, zero beyond each group's width (`_selection`); the running
+    statistics of the selected channels are folded in group order (the sequential loop's order)."""
+    n, _, h, w = x.shape
+    mask, select = selection
     y, mean, var = grouped_batchnorm_act(x, bn.weight, bn.bias, groups, mask, bn.eps, bn.act)
-    select = active.bool()[:, None].expand(groups, c)
-    if widths is not None:
-        select = select & (mask.view(groups, c) > 0)
     bn.fold_running_stats(mean, var, n * h * w, select)
     return y
 
@@ -120,18 +128,18 @@ def _filters(block: MBConvBlock, cmid: int, kernel_sizes: list[int]) -> torch.Te
 
 def _block(plan: _Plan, j: int, x: torch.Tensor) -> torch.Tensor:
     """Block j of the plan (0: the first block) for all groups."""
-    block, groups, t = plan.blocks[j][0], plan.groups, plan.table
+    block, groups, t = plan.blocks[j], plan.groups, plan.table
     cmid, active = plan.cmid[j], t[f"{j}.active"][:, 0]
-    mids = t[f"{j}.dw"][:, 1]
+    mid = _selection(active, cmid, t[f"{j}.dw"][:, 1])              # shared by the expand and depthwise BNs
     h = x
     if block.has_expand:
-        h = grouped_pointwise_conv(h, block.ib_conv.weight, t[f"{j}.expand"], cmid)
-        h = _bn(block.ib_bn, h, groups, active, mids)
+        h = _bn(block.ib_bn, grouped_pointwise_conv(h, block.ib_conv.weight, t[f"{j}.expand"], cmid), groups, mid)
     h = grouped_depthwise_conv(h, _filters(block, cmid, plan.kernel_sizes[j]), block.dw_conv.stride, t[f"{j}.dw"])
-    h = _bn(block.dw_bn, h, groups, active, mids)
+    h = _bn(block.dw_bn, h, groups, mid)
     if block.se is not None:
         h = _se(block, h, groups, plan.hidden[j], t[f"{j}.se"][:, 0])
-    h = _bn(block.pw_bn, grouped_pointwise_conv(h, block.pw_conv.weight, t[f"{j}.project"], block.out), groups, active)
+    h = grouped_pointwise_conv(h, block.pw_conv.weight, t[f"{j}.project"], block.out)
+    h = _bn(block.pw_bn, h, groups, _selection(active, block.out))
     if block.residual:                # a skipped block (only residual ones can be) is the identity for its group
         n, kc = x.shape[:2]
         keep = active.bool()[None, :, None, None, None]
@@ -146,12 +154,13 @@ def batched_forward(model: OFAMobileNetV3, images: torch.Tensor, cfgs: list[dict
     groups, every = plan.groups, plan.table["all"][:, 0]
     x = images.repeat(1, groups, 1, 1)                                         # (N, K*3, R, R)
     stem = model.first_conv
-    x = _bn(stem.bn, _conv(x, stem.conv.weight, groups, stem.conv.stride), groups, every)
+    x = _bn(stem.bn, _conv(x, stem.conv.weight, groups, stem.conv.stride), groups, _selection(every, stem.conv.max_out))
     for j in range(len(plan.blocks)):
         if plan.runs[j]:
             x = _block(plan, j, x)
     fe, fm = model.final_expand, model.feature_mix
-    x = _bn(fe.bn, grouped_pointwise_conv(x, fe.conv.weight, plan.table["final"], fe.conv.max_out), groups, every)
+    x = grouped_pointwise_conv(x, fe.conv.weight, plan.table["final"], fe.conv.max_out)
+    x = _bn(fe.bn, x, groups, _selection(every, fe.conv.max_out))
     x = x.mean((2, 3), keepdim=True)                                           # (N, K*960w, 1, 1)
     x = apply_activation(grouped_pointwise_conv(x, fm.weight, plan.table["mix"], fm.max_out), "h_swish")
     x = model.dropout(x.flatten(1)).view(images.shape[0], groups, -1)          # (N, K, 1280w)
