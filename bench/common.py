@@ -1,8 +1,10 @@
-"""Benchmark helpers: environment record, timing (CUDA events / do_bench on GPU, wall clock on CPU), JSON."""
+"""Benchmark helpers: environment record, progress lines, a wall-clock budget, timing (CUDA events on a
+GPU, wall clock on CPU) and JSON output."""
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import platform
 import statistics
 import sys
@@ -13,6 +15,7 @@ from typing import Callable
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+_START = time.monotonic()
 
 
 def environment(device: torch.device) -> dict:
@@ -26,33 +29,60 @@ def environment(device: torch.device) -> dict:
             "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> float:
-    """Median milliseconds of fn() after `warmup` calls (device-synchronised)."""
+def progress(message: str) -> None:
+    """A progress line with the seconds since the benchmark started (flushed: a killed run shows how far it got)."""
+    print(f"[{time.monotonic() - _START:7.1f} s] {message}", flush=True)
+
+
+class Budget:
+    """A wall-clock budget in seconds (None: unlimited). Measurements that would start after it is spent
+    are skipped and reported as skipped; a measurement under way stops repeating at the deadline."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.deadline = math.inf if seconds is None else time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def spent(self) -> bool:
+        return self.left() <= 0
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: int,
+            deadline: float = math.inf) -> float:
+    """Median milliseconds of fn() after `warmup` calls (device-synchronised); at least one timed call,
+    then no more once time.monotonic() passes `deadline`."""
     for _ in range(warmup):
         fn()
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.synchronize(device)
-        times = []
-        for _ in range(reps):
+    times: list[float] = []
+    for _ in range(reps):
+        if times and time.monotonic() > deadline:
+            break
+        if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
-        return statistics.median(times)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
-def write_json(name: str, payload: dict) -> Path:
-    """bench/results/<name>-<device type>-<UTC date>.json"""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = payload["env"]["date"][:10]
-    path = RESULTS / f"{name}-{payload['env']['device_type']}-{stamp}.json"
-    path.write_text(json.dumps(payload, indent=2))
+def write_json(name: str, payload: dict, out: str | Path | None = None) -> Path:
+    """Write `payload` to <out>/<name>.json, or without `out` to bench/results/<name>-<device type>-<UTC date>.json."""
+    if out is not None:
+        path = Path(out) / f"{name}.json"
+    else:
+        path = RESULTS / f"{name}-{payload['env']['device_type']}-{payload['env']['date'][:10]}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)                # a reader (or a kill) never sees half a file
     return path

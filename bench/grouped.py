@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import environment, time_ms, write_json  # noqa: E402
+from bench.common import Budget, environment, progress, time_ms, write_json  # noqa: E402
 from engine.elastic import ElasticConv2d, ElasticDepthwiseConv2d, use_backend  # noqa: E402
 from engine.elastic.grouped import grouped_depthwise_conv, grouped_pointwise_conv  # noqa: E402
 
@@ -77,30 +77,41 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=None, help="default 128 (CUDA), 2 (CPU)")
     p.add_argument("--dtype", default="bfloat16", help="CUDA only; float32 on a CPU")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="wall-clock budget; rows that would start after it are reported as skipped")
+    p.add_argument("--out", metavar="DIR", help="write grouped.json there (default bench/results/)")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
+    budget = Budget(args.max_seconds)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     batch, dtype = args.batch or (128 if cuda else 2), getattr(torch, args.dtype) if cuda else torch.float32
     ours = "triton" if cuda else "torch"
     reps = (10, 50) if cuda else (1, 3)
     rows = []
+    payload = {"env": environment(device), "rows": rows, "note": "" if cuda else "CPU smoke: reference ops"}
     for name, seq, grouped, inputs in _cases(device, dtype, batch):
+        if budget.spent():
+            rows.append({"layer": name, "skipped": "--max-seconds budget spent"})
+            progress(f"{name}: skipped (budget spent)")
+            continue
         row = {"layer": name, "dtype": str(dtype).removeprefix("torch."), "batch": batch, "subnets": len(KERNELS)}
         for variant, fn, backend_name in (("sequential", seq, ours), ("grouped", grouped, ours),
                                           ("reference", grouped, "torch")):
             with use_backend(backend_name):
-                row[variant] = {"fwd_ms": time_ms(fn, device, *reps),
-                                "fwd_bwd_ms": time_ms(lambda fn=fn: _fwd_bwd(fn, inputs), device, *reps)}
+                row[variant] = {"fwd_ms": time_ms(fn, device, *reps, budget.deadline),
+                                "fwd_bwd_ms": time_ms(lambda fn=fn: _fwd_bwd(fn, inputs), device, *reps,
+                                                      budget.deadline)}
         for variant in ("grouped", "reference"):
             for key in ("fwd_ms", "fwd_bwd_ms"):
                 row[variant][key.replace("_ms", "_speedup")] = row["sequential"][key] / row[variant][key]
         rows.append(row)
-        print(f"{name:28s} " + "  ".join(f"{v}: {row[v]['fwd_ms']:.3f}/{row[v]['fwd_bwd_ms']:.3f} ms"
-                                         for v in ("sequential", "grouped", "reference")), flush=True)
+        progress(f"{name:28s} " + "  ".join(f"{v}: {row[v]['fwd_ms']:.3f}/{row[v]['fwd_bwd_ms']:.3f} ms"
+                                            for v in ("sequential", "grouped", "reference")))
+        if not args.no_save:
+            write_json("grouped", payload, args.out)
     if not args.no_save:
-        print("wrote", write_json("grouped", {"env": environment(device), "rows": rows,
-                                             "note": "" if cuda else "CPU smoke: reference ops"}))
+        print("wrote", write_json("grouped", payload, args.out))
     return 0
 
 

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import environment, time_ms, write_json  # noqa: E402
+from bench.common import Budget, environment, progress, time_ms, write_json  # noqa: E402
 from engine.elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticDepthwiseConv2d, backend, use_backend  # noqa: E402
 
 # (name, layer factory, active setter, input channels, spatial, FLOPs/bytes per output element)
@@ -54,16 +54,25 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=None, help="default 128 (CUDA), 2 (CPU)")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="wall-clock budget; rows that would start after it are reported as skipped")
+    p.add_argument("--out", metavar="DIR", help="write layers.json there (default bench/results/)")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
+    budget = Budget(args.max_seconds)
     device = torch.device(args.device)
     batch = args.batch or (128 if device.type == "cuda" else 2)
     variants = ["reference", "ours", "compiled"] if device.type == "cuda" else ["reference"]
     if device.type == "cuda" and backend.availability("cuda")[0]:
         variants.append("cuda")
     env, rows = environment(device), []
+    payload = {"env": env, "rows": rows, "note": "" if device.type == "cuda" else "CPU smoke: reference only"}
     for name, make, activate, channels, size in CASES:
         for dtype_name in args.dtypes if device.type == "cuda" else ["float32"]:
+            if budget.spent():
+                rows.append({"layer": name, "dtype": dtype_name, "skipped": "--max-seconds budget spent"})
+                progress(f"{name} {dtype_name}: skipped (budget spent)")
+                continue
             dtype = getattr(torch, dtype_name)
             layer = make().to(device)
             activate(layer)
@@ -79,19 +88,20 @@ def main(argv=None) -> int:
                 fn = torch.compile(layer) if variant == "compiled" else layer
                 dy = torch.randn_like(y)
                 with use_backend(name_of_backend):
-                    fwd = time_ms(lambda: fn(x), device, 10, 50)
+                    fwd = time_ms(lambda: fn(x), device, 10, 50, budget.deadline)
                     fwd_bwd = time_ms(lambda: torch.autograd.grad(fn(x), [x] + list(layer.parameters()), dy,
-                                                                  allow_unused=True), device, 10, 50)
+                                                                  allow_unused=True), device, 10, 50, budget.deadline)
                 row[variant] = {"fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "fwd_GBps": nbytes / fwd / 1e6}
             for variant in variants[1:]:
                 row[variant]["fwd_speedup"] = row["reference"]["fwd_ms"] / row[variant]["fwd_ms"]
                 row[variant]["fwd_bwd_speedup"] = row["reference"]["fwd_bwd_ms"] / row[variant]["fwd_bwd_ms"]
             rows.append(row)
-            print(f"{name:28s} {dtype_name:8s} " + "  ".join(
-                f"{v}: {row[v]['fwd_ms']:.3f}/{row[v]['fwd_bwd_ms']:.3f} ms" for v in variants), flush=True)
+            progress(f"{name:28s} {dtype_name:8s} " + "  ".join(
+                f"{v}: {row[v]['fwd_ms']:.3f}/{row[v]['fwd_bwd_ms']:.3f} ms" for v in variants))
+            if not args.no_save:
+                write_json("layers", payload, args.out)
     if not args.no_save:
-        print("wrote", write_json("layers", {"env": env, "rows": rows,
-                                            "note": "" if device.type == "cuda" else "CPU smoke: reference only"}))
+        print("wrote", write_json("layers", payload, args.out))
     return 0
 
 

@@ -1,15 +1,22 @@
 """Side-by-side training-step throughput, peak memory and projected GPU-hours.
 
-Variants, measured in one run on the same batch, precision and sandwich:
-  reference  OFA/DεpS-style: PyTorch slice (+ implicit copy) ops, per-subnet zero_grad and
-             per-parameter mask aggregation of the gradients
-  ours       our elastic layers (backend "auto": Triton kernels on CUDA), sequential sandwich,
-             gradients summed in .grad (no masks)
-  compiled   torch.compile of the reference layers (one graph per subnet config, compiled in warm-up)
-  batched    the batched sandwich: all K subnets in one forward and one backward (engine/train/batched.py)
+Variants, measured in one run on the same weights, batch, precision and sandwich configs:
+  ofa         the public OFA code's dynamic ops (bench/ofa_reference.py: contiguous weight slices,
+              F.conv2d, sliced BN), NCHW as shipped; gradients summed in .grad
+  ofa_cl      the same in channels_last
+  deps_masks  the DεpS code's aggregation: slice ops, per-subnet zero_grad and per-parameter gradient
+              masks summed into an accumulator
+  ours        this engine's default path (backend "auto"), sequential sandwich, gradients summed in .grad
+  torch       this engine with backend "torch" (cuDNN/ATen on weight views)
+  batched     the batched sandwich: all K subnets in one forward and one backward (engine/train/batched.py)
+  compiled    torch.compile of the engine's reference layers (one graph per subnet config, compiled in warm-up)
 for the OFA-MobileNetV3 32-px (CIFAR) and 224-px (ImageNet) supernets, teacher phase (max net) and
-shrinking phase (K subnets). Ratios are against the reference variant. GPU-hours of a full DεpS run
-are projected from the measured step times and the spec's schedule.
+shrinking phase (K subnets). Ratios are against the faster of `ofa` and `ofa_cl`. GPU-hours of a full
+DεpS run are projected from the measured step times and the spec's schedule.
+
+Progress lines go to stdout as it measures; the JSON is rewritten after every measurement (a killed run
+keeps what it measured). `--max-seconds` bounds the whole run: a measurement that would start after the
+budget is spent is reported as skipped, and one under way stops repeating at the deadline.
 
   python bench/run_throughput.py                       # GPU: full table, JSON in bench/results/
   python bench/run_throughput.py --device cpu --steps 2 --nets cifar --batch 8   # CPU smoke
@@ -26,23 +33,27 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import environment, time_ms, write_json  # noqa: E402
+from bench.common import Budget, environment, progress, time_ms, write_json  # noqa: E402
+from bench.ofa_reference import OFAReference  # noqa: E402
 from engine.elastic import use_backend  # noqa: E402
 from engine.supernet import ofa_mobilenetv3  # noqa: E402
-from engine.train.losses import kd_loss, soft_labels  # noqa: E402
 from engine.train.batched import BatchedSandwich, batched_step  # noqa: E402
+from engine.train.losses import kd_loss, soft_labels  # noqa: E402
 from engine.train.sandwich import sample_sandwich, sequential_step  # noqa: E402
 
 NETS = {"cifar": ("cifar", 32, 256, 10), "imagenet": ("imagenet", 224, 128, 1000)}
-VARIANTS = ("reference", "ours", "compiled", "batched")
+# in the order they are measured (the most telling first, should the budget run out)
+VARIANTS = ("ofa_cl", "ours", "torch", "batched", "ofa", "deps_masks", "compiled")
+BASELINES = ("ofa", "ofa_cl")
+CPU_VARIANTS = ["ofa_cl", "ours", "batched", "deps_masks"]     # compiling takes minutes on a CPU
 # spec schedule: (images per epoch, epochs E, teacher T, warm-up W, net); paper's reported costs
 SCHEDULES = {"cifar10": (50_000, 200, 110, 5, "cifar"), "imagenet1k": (1_281_167, 270, 150, 5, "imagenet")}
 PAPER = {"ofa_progressive_shrinking_imagenet1k_gpu_hours": 1200,
          "deps_vs_best_prior": "2.5x fewer GPU-hours (DεpS paper)"}
 
 
-def reference_step(model, images, labels, cfgs, betas, acc, amp_dtype):
-    """One sandwich step as the reference code does it: per-subnet gradients, masked and summed."""
+def masked_step(model, images, labels, cfgs, betas, acc, amp_dtype):
+    """One sandwich step as the DεpS code aggregates it: per-subnet gradients, masked and summed."""
     for a in acc:
         a.zero_()
     params = list(model.parameters())
@@ -66,54 +77,81 @@ def reference_step(model, images, labels, cfgs, betas, acc, amp_dtype):
             p.grad.copy_(a)
 
 
-def measure(args, device, net_name: str, phase: str, env_rows: list) -> dict:
-    variant_name, res, default_batch, classes = NETS[net_name]
-    batch = args.batch or default_batch
-    torch.manual_seed(0)
-    model = ofa_mobilenetv3(variant_name, num_classes=classes, dropout=0.0).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    images = torch.randn(batch, 3, res, res, device=device)
-    if args.channels_last:
-        images = images.to(memory_format=torch.channels_last)
-    labels = torch.randint(0, classes, (batch,), device=device)
-    cfgs = sample_sandwich(model, phase, args.subnets, "random", torch.Generator().manual_seed(0))
-    betas = [1.0] * len(cfgs)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    amp_dtype = torch.bfloat16 if args.amp else None
-    acc = [torch.zeros_like(p) for p in model.parameters()]
-    compiled, batched = None, BatchedSandwich(model)
-    row = {"net": net_name, "phase": phase, "batch": batch, "resolution": res, "subnets": len(cfgs)}
+class _Setup:
+    """One (net, phase): the supernet, a batch, the sandwich configs and an optimizer, shared by every variant."""
 
-    def run(variant: str):
-        opt.zero_grad(set_to_none=False)
-        if variant == "reference":
-            with use_backend("torch"):
-                reference_step(model, images, labels, cfgs, betas, acc, amp_dtype)
-        elif variant == "ours":
-            sequential_step(model, model, images, labels, cfgs, betas, 0.1, 1.0, None, amp_dtype)
-        elif variant == "batched":
-            batched_step(model, batched, images, labels, cfgs, betas, 0.1, 1.0, None, amp_dtype)
-        else:
-            with use_backend("torch"):
-                sequential_step(model, compiled, images, labels, cfgs, betas, 0.1, 1.0, None, amp_dtype)
-        opt.step()
+    def __init__(self, args, device: torch.device, net_name: str, phase: str) -> None:
+        variant, self.resolution, default_batch, classes = NETS[net_name]
+        self.batch = args.batch or default_batch
+        torch.manual_seed(0)
+        self.model = ofa_mobilenetv3(variant, num_classes=classes, dropout=0.0).to(device)
+        self.images = torch.randn(self.batch, 3, self.resolution, self.resolution, device=device)
+        self.labels = torch.randint(0, classes, (self.batch,), device=device)
+        self.cfgs = sample_sandwich(self.model, phase, args.subnets, "random", torch.Generator().manual_seed(0))
+        self.betas = [1.0] * len(self.cfgs)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+        self.amp_dtype = torch.bfloat16 if args.amp else None
+        self.acc = [torch.zeros_like(p) for p in self.model.parameters()]
+        self.wrappers: dict[str, torch.nn.Module] = {}
 
+    def step_fn(self, variant: str, channels_last: bool):
+        """A callable running one optimizer step of `variant`, with the model and batch in the right layout."""
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.model.to(memory_format=fmt)
+        images = self.images.contiguous(memory_format=fmt)
+        m, y, cfgs, betas, amp = self.model, self.labels, self.cfgs, self.betas, self.amp_dtype
+
+        def run() -> None:
+            self.opt.zero_grad(set_to_none=False)
+            if variant in BASELINES:
+                net = self.wrappers.setdefault("ofa", OFAReference(m))
+                with use_backend("torch"):
+                    sequential_step(m, net, images, y, cfgs, betas, 0.1, 1.0, None, amp)
+            elif variant == "deps_masks":
+                with use_backend("torch"):
+                    masked_step(m, images, y, cfgs, betas, self.acc, amp)
+            elif variant in ("ours", "torch"):
+                with use_backend("auto" if variant == "ours" else "torch"):
+                    sequential_step(m, m, images, y, cfgs, betas, 0.1, 1.0, None, amp)
+            elif variant == "batched":
+                net = self.wrappers.setdefault("batched", BatchedSandwich(m))
+                batched_step(m, net, images, y, cfgs, betas, 0.1, 1.0, None, amp)
+            else:
+                net = self.wrappers.setdefault("compiled", torch.compile(m))
+                with use_backend("torch"):
+                    sequential_step(m, net, images, y, cfgs, betas, 0.1, 1.0, None, amp)
+            self.opt.step()
+
+        return run
+
+
+def measure(args, device: torch.device, net_name: str, phase: str, budget: Budget, save) -> dict:
+    setup = _Setup(args, device, net_name, phase)
+    row = {"net": net_name, "phase": phase, "batch": setup.batch, "resolution": setup.resolution,
+           "subnets": len(setup.cfgs)}
+    save(row)
     for variant in args.variants:
-        if variant == "compiled" and compiled is None:
-            compiled = torch.compile(model)
+        label = f"{net_name} {phase} {variant}"
+        if budget.spent():
+            row[variant] = {"skipped": "--max-seconds budget spent"}
+            progress(f"{label}: skipped (budget spent)")
+            continue
+        progress(f"{label}: warm-up ({args.warmup} steps; compiles kernels on first use)")
+        channels_last = variant != "ofa" and (args.channels_last or variant == "ofa_cl")
+        run = setup.step_fn(variant, channels_last)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        prof = _profiler(args, f"{net_name}-{phase}-{variant}")
-        with prof:
-            ms = time_ms(lambda: run(variant), device, args.warmup, args.steps)
-        row[variant] = {"ms_per_step": ms, "images_per_s": batch * 1e3 / ms,
+        with _profiler(args, f"{net_name}-{phase}-{variant}"):
+            ms = time_ms(run, device, args.warmup, args.steps, budget.deadline)
+        row[variant] = {"ms_per_step": ms, "images_per_s": setup.batch * 1e3 / ms,
                         "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
-    base = row.get("reference", {}).get("ms_per_step")
+        progress(f"{label}: {ms:.2f} ms/step, {row[variant]['images_per_s']:.1f} img/s")
+        save(row)
+    base = min((row[v]["ms_per_step"] for v in BASELINES if "ms_per_step" in row.get(v, {})), default=None)
     for variant in args.variants:
         if base and "ms_per_step" in row[variant]:
-            row[variant]["speedup_vs_reference"] = base / row[variant]["ms_per_step"]
-    env_rows.append(row)
+            row[variant]["speedup_vs_ofa"] = base / row[variant]["ms_per_step"]
+    save(row)
     return row
 
 
@@ -143,50 +181,68 @@ def project_gpu_hours(rows: list[dict], variants: list[str]) -> dict:
     return out
 
 
+def table(rows: list[dict], variants: list[str]) -> list[str]:
+    """Short text table: ms per step and speed-up against the faster OFA variant."""
+    lines = [f"{'net':9s} {'phase':8s} {'K':>2s} {'batch':>5s} " + " ".join(f"{v:>20s}" for v in variants)]
+    for r in rows:
+        cells = []
+        for v in variants:
+            m = r.get(v, {})
+            cells.append(f"{m['ms_per_step']:8.2f} ms {m.get('speedup_vs_ofa', float('nan')):5.2f}x"
+                         if "ms_per_step" in m else ("skipped" if "skipped" in m else "n/a"))
+        lines.append(f"{r['net']:9s} {r['phase']:8s} {r['subnets']:2d} {r['batch']:5d} "
+                     + " ".join(f"{c:>20s}" for c in cells))
+    return lines
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
+    p.add_argument("--phases", nargs="+", default=["teacher", "shrink"], choices=["teacher", "shrink"])
     p.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
-                   help="default: all on CUDA; reference, ours and batched on CPU (compiling takes minutes there)")
+                   help=f"default: all on CUDA; {' '.join(CPU_VARIANTS)} on CPU (compiling takes minutes there)")
     p.add_argument("--batch", type=int, default=None, help="default 256 at 32 px, 128 at 224 px")
     p.add_argument("--subnets", type=int, default=4)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement (median reported)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (kernel compilation, dispatch)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="wall-clock budget for the whole run; what does not fit is reported as skipped")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 (default on CUDA)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="the engine's variants in channels_last (the ofa variants are fixed: NCHW and CL)")
     p.add_argument("--profile", metavar="DIR", help="write a torch.profiler chrome trace per measurement")
-    p.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
+    p.add_argument("--out", metavar="DIR", help="write throughput.json there (default bench/results/)")
+    p.add_argument("--no-save", action="store_true", help="write no JSON")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.variants is None:
-        args.variants = list(VARIANTS) if device.type == "cuda" else ["reference", "ours", "batched"]
-    if "reference" not in args.variants:
-        args.variants.insert(0, "reference")
+        args.variants = list(VARIANTS) if device.type == "cuda" else list(CPU_VARIANTS)
     args.amp = device.type == "cuda" if args.amp is None else args.amp
+    budget = Budget(args.max_seconds)
     env = environment(device)
-    rows: list[dict] = []
-    for net in args.nets:
-        for phase in ("teacher", "shrink"):
-            measure(args, device, net, phase, rows)
-    hours = project_gpu_hours(rows, args.variants)
     label = "GPU" if device.type == "cuda" else "CPU (not comparable with GPU figures)"
-    print(f"\n{env['device']}  torch {env['torch']}  triton {env['triton']}  amp={args.amp}  [{label}]")
-    print(f"{'net':9s} {'phase':8s} {'K':>2s} {'batch':>5s} " + " ".join(f"{v:>22s}" for v in args.variants))
-    for r in rows:
-        cells = []
-        for v in args.variants:
-            m = r[v]
-            cells.append(f"{m['images_per_s']:9.1f} img/s {m.get('speedup_vs_reference', 1):5.2f}x"
-                         if "ms_per_step" in m else f"{'n/a':>22s}")
-        print(f"{r['net']:9s} {r['phase']:8s} {r['subnets']:2d} {r['batch']:5d} " + " ".join(f"{c:>22s}" for c in cells))
-    for dataset, per_variant in hours.items():
+    rows: list[dict] = []
+    payload = {"env": env, "args": vars(args), "rows": rows, "paper": PAPER,
+               "note": "" if device.type == "cuda" else "CPU timings are a smoke test, never to be compared with GPU ones"}
+
+    def save(row: dict) -> None:
+        if not any(r is row for r in rows):
+            rows.append(row)
+        payload["projected_hours"] = project_gpu_hours(rows, args.variants)
+        if not args.no_save:
+            write_json("throughput", payload, args.out)
+
+    progress(f"{env['device']}  torch {env['torch']}  triton {env['triton']}  amp={args.amp}  [{label}]")
+    for net in args.nets:
+        for phase in args.phases:
+            measure(args, device, net, phase, budget, save)
+    print("\n".join(table(rows, args.variants)))
+    for dataset, per_variant in payload["projected_hours"].items():
         print(f"projected {label} hours, full DεpS on {dataset}: "
               + ", ".join(f"{v} {h:,.1f}" for v, h in per_variant.items()))
-    payload = {"env": env, "args": vars(args), "rows": rows, "projected_hours": hours, "paper": PAPER,
-               "note": "CPU timings are a smoke test, never to be compared with GPU ones" if device.type != "cuda" else ""}
     if not args.no_save:
-        print("wrote", write_json("throughput", payload))
+        print("wrote", write_json("throughput", payload, args.out))
     return 0
 
 

@@ -3,8 +3,9 @@ import os
 import pytest
 import torch
 
-# Triton kernels run on the CPU in the interpreter; it must be set before triton is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# With a GPU the Triton kernels run on it; without one they run on the CPU in Triton's interpreter.
+# The choice must be made before triton is imported (torch.cuda.is_available() does not import it).
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 
 @pytest.fixture(autouse=True)
@@ -18,9 +19,9 @@ def _seed_and_backend():
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
-            item.add_marker(skip)
+            item.add_marker(pytest.mark.gpu_tier)       # every GPU-only test is in the GPU suite's tier
+            if not torch.cuda.is_available():
+                item.add_marker(skip)

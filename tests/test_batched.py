@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engine.supernet import ofa_mobilenetv3
+from helpers import kernel_device
 from engine.train.batched import BatchedSandwich, batched_step
 from engine.train.sandwich import sample_sandwich, sequential_step
 
@@ -17,11 +18,7 @@ from engine.train.sandwich import sample_sandwich, sequential_step
 def _pair(variant, seed):
     torch.manual_seed(seed)
     model = ofa_mobilenetv3(variant, width_mult=0.5, num_classes=10, dropout=0.0)   # narrow: float64 on CPU
-    with torch.no_grad():                           # non-identity transforms exercise the kernel chain
-        for m in model.modules():
-            if hasattr(m, "transforms"):
-                for p in m.transforms.values():
-                    p.add_(0.05 * torch.randn_like(p))
+    _perturb_transforms(model)
     model.double()
     return model, copy.deepcopy(model)
 
@@ -61,66 +58,110 @@ def _block_run(model, cfgs, j, x, dy, backend_name):
     return out.detach(), x.grad
 
 
-@pytest.mark.parametrize("want", ["se_residual", "stride2"])
-def test_batched_block_on_triton_matches_torch(want):
-    """One block of the batched step on the grouped Triton kernels (TRITON_INTERPRET on CPU) against
-    the torch path in float64: output, input gradient, every parameter gradient and running
-    statistic, each within 2x the float32 torch path's own error (+1e-5 relative): BN weight gradients
-    sum near-cancelling terms, so float32 is ~5e-4 off on both paths. Per block: a whole tiny net in
-    float32 is too ill-conditioned to compare (BN over 2 values), and the torch path is checked
-    against the sequential step above in float64."""
-    torch.manual_seed(3)
-    ref = ofa_mobilenetv3("imagenet", width_mult=0.5, num_classes=10, depths=(1, 2), expand_ratios=(2, 3))
+def _perturb_transforms(model):
+    """Non-identity kernel transforms, so the 7 -> 5 -> 3 chain is really exercised."""
     with torch.no_grad():
-        for m in ref.modules():
+        for m in model.modules():
             if hasattr(m, "transforms"):
                 for p in m.transforms.values():
                     p.add_(0.05 * torch.randn_like(p))
+
+
+def _rel_max(got, truth):
+    """max |got - truth| / max |truth| (float64)."""
+    return ((got.double() - truth).abs().max() / truth.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.gpu_tier
+@pytest.mark.parametrize("want", ["se_residual", "stride2"])
+def test_batched_block_on_triton_matches_torch(want):
+    """One block of the batched step on the grouped Triton kernels (on the GPU, or TRITON_INTERPRET on
+    CPU) against the torch path in float64: output, input gradient, every parameter gradient and
+    running statistic, each within 2x the float32 torch path's own error (+1e-5 relative): BN weight
+    gradients sum near-cancelling terms, so float32 is ~5e-4 off on both paths. Per block: a whole tiny
+    net in float32 is too ill-conditioned to compare (BN over 2 values), and the torch path is checked
+    against the sequential step above in float64."""
+    device = kernel_device()
+    torch.manual_seed(3)
+    ref = ofa_mobilenetv3("imagenet", width_mult=0.5, num_classes=10, depths=(1, 2), expand_ratios=(2, 3))
+    _perturb_transforms(ref)
+    ref = ref.to(device)
     models = {"fp64": copy.deepcopy(ref).double(), "torch": ref, "triton": copy.deepcopy(ref)}
     pick = {"se_residual": lambda b: b.se is not None and b.residual, "stride2": lambda b: b.stride == 2}[want]
     j = 1 + next(i for i, b in enumerate(ref.blocks) if pick(b))          # plan index: 0 is the first block
     cfgs = sample_sandwich(ref, "shrink", 4, "random", torch.Generator().manual_seed(1))
-    x = torch.randn(2, 4 * ref.blocks[j - 1].max_in, 6, 6).to(memory_format=torch.channels_last)
-    dy = torch.randn(2, 4 * ref.blocks[j - 1].out, *(3, 3) if want == "stride2" else (6, 6))
+    x = torch.randn(2, 4 * ref.blocks[j - 1].max_in, 6, 6, device=device).to(memory_format=torch.channels_last)
+    dy = torch.randn(2, 4 * ref.blocks[j - 1].out, *(3, 3) if want == "stride2" else (6, 6), device=device)
     results = {}
-    for name, model in models.items():
-        dtype = torch.float64 if name == "fp64" else torch.float32
-        out, gx = _block_run(model, cfgs, j, x.to(dtype), dy.to(dtype), "torch" if name == "fp64" else name)
-        block = model.blocks[j - 1]
-        results[name] = [("out", out), ("grad x", gx)] + [(n, p.grad) for n, p in block.named_parameters()
-                                                          if p.grad is not None] + list(block.named_buffers())
+    with _strict_fp32():
+        for name, model in models.items():
+            dtype = torch.float64 if name == "fp64" else torch.float32
+            out, gx = _block_run(model, cfgs, j, x.to(dtype), dy.to(dtype), "torch" if name == "fp64" else name)
+            block = model.blocks[j - 1]
+            results[name] = [("out", out), ("grad x", gx)] + [(n, p.grad) for n, p in block.named_parameters()
+                                                              if p.grad is not None] + list(block.named_buffers())
     for (name, truth), (_, torch32), (_, fast) in zip(*results.values()):
-        scale = truth.abs().max().clamp_min(1e-30)
-        err_torch, err_fast = ((t - truth).abs().max() / scale for t in (torch32.double(), fast.double()))
-        assert err_fast <= 2 * err_torch + 1e-5, (name, err_fast.item(), err_torch.item())
+        err_torch, err_fast = _rel_max(torch32, truth), _rel_max(fast, truth)
+        assert err_fast <= 2 * err_torch + 1e-5, (name, err_fast, err_torch)
+
+
+class _strict_fp32:
+    """fp32 means fp32 on a GPU too: no TF32 in cuDNN convolutions, matmuls or Triton dots."""
+
+    def __enter__(self):
+        self.previous = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.set_float32_matmul_precision(self.previous[0])
+        torch.backends.cudnn.allow_tf32 = self.previous[1]
+
+
+def _step_values(model, step, x, y, cfgs, backend_name):
+    """Run one sandwich step on `backend_name`: [("loss_max", ..), ("loss_subnets", ..), (grad name, grad)]."""
+    from engine.elastic import use_backend
+
+    betas = [1.0, 0.5, 0.5, 0.5]
+    with use_backend(backend_name):
+        if step == "batched":
+            r = batched_step(model, BatchedSandwich(model), x, y, cfgs, betas, 0.1, 1.0, None, None)
+        else:
+            r = sequential_step(model, model, x, y, cfgs, betas, 0.1, 1.0, None, None)
+    values = [("loss_max", torch.as_tensor(r.loss_max)), ("loss_subnets", torch.as_tensor(r.loss_subnets))]
+    return values + [(n, p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant,res,n", [("cifar", 32, 32), ("imagenet", 64, 16)])
 def test_batched_on_gpu_matches_sequential(variant, res, n):
-    """On a GPU, the whole batched step on the grouped Triton kernels against the sequential step on
-    the per-layer kernels, fp32 without TF32: loss and every gradient (enough samples that BN over the
-    last stage is well conditioned in fp32)."""
-    from engine.elastic import use_backend
+    """On a GPU, the whole step on the Triton kernels (sequential, per-layer kernels; batched, grouped
+    kernels) against a float64 run of the torch reference on the same GPU: loss and every gradient,
+    each within 2x the error of the float32 torch paths (sequential and batched, no TF32) + 1e-5.
 
-    previous = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        torch.manual_seed(0)
-        seq = ofa_mobilenetv3(variant, num_classes=10, dropout=0.0).cuda().to(memory_format=torch.channels_last)
-        bat = copy.deepcopy(seq)
-        x = torch.randn(n, 3, res, res, device="cuda").to(memory_format=torch.channels_last)
-        y = torch.randint(0, 10, (n,), device="cuda")
-        cfgs = sample_sandwich(seq, "shrink", 4, "random", torch.Generator().manual_seed(0))
-        with use_backend("triton"):
-            r1 = sequential_step(seq, seq, x, y, cfgs, [1.0, 0.5, 0.5, 0.5], 0.1, 1.0, None, None)
-            r2 = batched_step(bat, BatchedSandwich(bat), x, y, cfgs, [1.0, 0.5, 0.5, 0.5], 0.1, 1.0, None, None)
-    finally:
-        torch.set_float32_matmul_precision(previous[0])
-        torch.backends.cudnn.allow_tf32 = previous[1]
-    assert r2.loss_max == pytest.approx(r1.loss_max, rel=1e-4)
-    assert r2.loss_subnets == pytest.approx(r1.loss_subnets, rel=1e-4)
-    for (name, p), q in zip(seq.named_parameters(), bat.parameters()):
-        if p.grad is not None:
-            assert (q.grad - p.grad).abs().max() <= 1e-3 * p.grad.abs().max() + 1e-6, name
+    Why not fast-vs-fast: many gradients of these nets are ill-conditioned in float32 (ReLU masks that
+    flip on rounding, BN-bias sums of near-cancelling terms): measured on CPU against float64, the
+    float32 torch paths themselves are up to ~2e-2 (relative to the tensor's max) off on some early
+    layers, and differ from each other by that much with a change of memory layout alone. The float64
+    run is the truth; each fast path must be as close to it as valid float32 computations are."""
+    torch.manual_seed(0)
+    base = ofa_mobilenetv3(variant, num_classes=10, dropout=0.0).cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(n, 3, res, res, device="cuda").to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (n,), device="cuda")
+    cfgs = sample_sandwich(base, "shrink", 4, "random", torch.Generator().manual_seed(0))
+    runs = {}
+    with _strict_fp32():
+        for name, step, backend_name, dtype in (("fp64", "sequential", "torch", torch.float64),
+                                                ("torch_seq", "sequential", "torch", torch.float32),
+                                                ("torch_bat", "batched", "torch", torch.float32),
+                                                ("triton_seq", "sequential", "triton", torch.float32),
+                                                ("triton_bat", "batched", "triton", torch.float32)):
+            runs[name] = _step_values(copy.deepcopy(base).to(dtype), step, x.to(dtype), y, cfgs, backend_name)
+    failures = []
+    for i, (name, truth) in enumerate(runs["fp64"]):
+        allowed = 2 * max(_rel_max(runs[t][i][1], truth) for t in ("torch_seq", "torch_bat")) + 1e-5
+        for fast in ("triton_seq", "triton_bat"):
+            err = _rel_max(runs[fast][i][1], truth)
+            if err > allowed:
+                failures.append(f"{fast} {name}: {err:.2e} > {allowed:.2e}")
+    assert not failures, "\n".join(failures)

@@ -165,3 +165,50 @@ def test_bad_settings_raise_value_error():
         ElasticBatchNorm2d(16, act="swish")
     with pytest.raises(ValueError, match="3"):
         ElasticDepthwiseConv2d(8, stride=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_running_stats_update_whatever_the_module_dtype(dtype):
+    """The fused kernels return float32 batch statistics; a module cast with .to(torch.bfloat16) (pure-bf16
+    training) keeps bf16 running buffers. Both updates (one batch, and G batches folded in order) are
+    computed in float32 and stored in the buffers' dtype (bf16 once crashed: lerp_ dtype mismatch)."""
+    bn = ElasticBatchNorm2d(12, momentum=0.3)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    bn = bn.to(dtype)
+    start_mean, start_var = bn.running_mean.double().clone(), bn.running_var.double().clone()
+    mean, var = torch.randn(7), torch.rand(7) + 0.1
+    bn.update_running_stats(mean, var, 10)
+    want_mean = start_mean[:7] * 0.7 + 0.3 * mean.double()
+    want_var = start_var[:7] * 0.7 + 0.3 * var.double() * 10 / 9
+    tol = {torch.bfloat16: 1e-2, torch.float16: 2e-3}.get(dtype, 1e-6)
+    assert bn.running_mean.dtype == dtype
+    torch.testing.assert_close(bn.running_mean[:7].double(), want_mean, rtol=tol, atol=tol)
+    torch.testing.assert_close(bn.running_var[:7].double(), want_var, rtol=tol, atol=tol)
+    assert torch.equal(bn.running_mean[7:].double(), start_mean[7:])
+    means, variances = torch.randn(3, 5), torch.rand(3, 5) + 0.1
+    select = torch.tensor([[True] * 5, [True, False] * 2 + [True], [False] * 5])
+    running = bn.running_mean[:5].double().clone(), bn.running_var[:5].double().clone()
+    bn.fold_running_stats(means, variances, 10, select)
+    for g in range(3):                                          # the sequential definition, in float64
+        a = 0.3 * select[g].double()
+        running = (running[0] * (1 - a) + a * means[g].double(),
+                   running[1] * (1 - a) + a * variances[g].double() * 10 / 9)
+    torch.testing.assert_close(bn.running_mean[:5].double(), running[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(bn.running_var[:5].double(), running[1], rtol=tol, atol=tol)
+
+
+def test_pure_bf16_model_trains_both_sandwich_modes():
+    """model.to(torch.bfloat16): a sequential and a batched sandwich step run and keep finite statistics."""
+    from engine.supernet import ofa_mobilenetv3
+    from engine.train.batched import BatchedSandwich, batched_step
+    from engine.train.sandwich import sample_sandwich, sequential_step
+
+    model = ofa_mobilenetv3("cifar", width_mult=0.5, num_classes=10, dropout=0.0).to(torch.bfloat16)
+    x, y = torch.randn(4, 3, 8, 8, dtype=torch.bfloat16), torch.randint(0, 10, (4,))
+    cfgs = sample_sandwich(model, "shrink", 3, "random", torch.Generator().manual_seed(0))
+    sequential_step(model, model, x, y, cfgs, [1.0] * 3, 0.1, 1.0, None, None)
+    batched_step(model, BatchedSandwich(model), x, y, cfgs, [1.0] * 3, 0.1, 1.0, None, None)
+    for name, buf in model.named_buffers():
+        assert buf.dtype == torch.bfloat16 and torch.isfinite(buf).all(), name

@@ -14,7 +14,10 @@ from engine.elastic.conv import conv2d_reference
 from engine.elastic.depthwise import depthwise_reference
 from engine.elastic.grouped import grouped_depthwise_reference, grouped_pointwise_reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from helpers import kernel_device
+
+pytestmark = pytest.mark.gpu_tier
+DEVICE = kernel_device()
 RTOL = 1e-4
 
 

@@ -58,13 +58,23 @@ class ElasticBatchNorm2d(nn.Module):
         self.running_mean.zero_()
         self.running_var.fill_(1.0)
 
+    def _stat_dtype(self) -> torch.dtype:
+        """Running statistics are updated in float32 (float64 for a float64 module), whatever the
+        buffers' dtype: a bf16 module keeps bf16 buffers, but its updates are computed in fp32."""
+        return torch.float64 if self.running_mean.dtype == torch.float64 else torch.float32
+
     @torch.no_grad()
     def update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
         """Fold batch statistics of the first len(mean) channels into the running slices in place:
         r <- (1 - momentum) r + momentum * stat, with var (biased, over `count` values) made unbiased."""
-        c = mean.shape[0]
-        self.running_mean[:c].lerp_(mean.detach(), self.momentum)
-        self.running_var[:c].lerp_(var.detach() * (count / max(count - 1, 1)), self.momentum)
+        c, work = mean.shape[0], self._stat_dtype()
+        unbiased = var.detach().to(work) * (count / max(count - 1, 1))
+        for running, stat in ((self.running_mean, mean.detach().to(work)), (self.running_var, unbiased)):
+            r = running[:c]
+            if r.dtype == work:
+                r.lerp_(stat, self.momentum)
+            else:
+                r.copy_(r.to(work).lerp_(stat, self.momentum))
 
     @torch.no_grad()
     def fold_running_stats(self, means: torch.Tensor, variances: torch.Tensor, count: int,
@@ -73,13 +83,13 @@ class ElasticBatchNorm2d(nn.Module):
         `update_running_stats` in order g = 0..G-1 would, channel c of group g only where select[g, c]
         (bool): r <- r * prod_g (1 - a_g) + sum_g a_g * prod_{h>g} (1 - a_h) * stat_g, a = momentum * select.
         One pass, no host sync (the batched sandwich's per-group widths live on the device)."""
-        c = means.shape[1]
-        a = self.momentum * select.to(self.running_mean.dtype)
+        c, work = means.shape[1], self._stat_dtype()
+        a = self.momentum * select.to(work)
         keep = (1 - a).flip(0).cumprod(0).flip(0)                      # keep[g] = prod_{h>=g} (1 - a_h)
         weights = a * torch.cat([keep[1:], torch.ones_like(keep[:1])])  # a_g * prod_{h>g} (1 - a_h)
-        unbiased = variances * (count / max(count - 1, 1))
-        for running, stat in ((self.running_mean, means), (self.running_var, unbiased)):
-            running[:c] = running[:c] * keep[0] + (weights * stat.to(running.dtype)).sum(0)
+        unbiased = variances.to(work) * (count / max(count - 1, 1))
+        for running, stat in ((self.running_mean, means.to(work)), (self.running_var, unbiased)):
+            running[:c] = running[:c].to(work) * keep[0] + (weights * stat).sum(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = check_channels("features", x.shape[1], self.max_features)

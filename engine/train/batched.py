@@ -153,6 +153,8 @@ def batched_forward(model: OFAMobileNetV3, images: torch.Tensor, cfgs: list[dict
     plan = _Plan(model, cfgs, images.device)
     groups, every = plan.groups, plan.table["all"][:, 0]
     x = images.repeat(1, groups, 1, 1)                                         # (N, K*3, R, R)
+    if images.is_contiguous(memory_format=torch.channels_last):                # repeat returns NCHW
+        x = x.contiguous(memory_format=torch.channels_last)
     stem = model.first_conv
     x = _bn(stem.bn, _conv(x, stem.conv.weight, groups, stem.conv.stride), groups, _selection(every, stem.conv.max_out))
     for j in range(len(plan.blocks)):

@@ -1,0 +1,288 @@
+"""The one command to run when a GPU is available: verify the engine and measure it, in at most 8 minutes.
+
+  python -m bench.gpu_suite --out bench/results/<device>-<date>     # then commit that folder
+
+On an H100/H200 it takes at most 8 minutes wall from cold (empty Triton and inductor caches, CUDA
+extension not built). Steps, each in its own subprocess under its own time budget (a step that ends
+early passes its spare time on; one that overruns is killed, reported, and costs nothing after it):
+  env         `python -m engine.info`, nvidia-smi, versions
+  build       the CUDA extension (`setup.py build_ext --inplace`), in the background from the start
+  tests       the GPU tier of the tests (`pytest -m gpu_tier`, TRITON_INTERPRET=0), <= 3 minutes
+  throughput  bench/run_throughput.py: both nets, teacher and shrink, every variant
+  layers      bench/layers.py (with the `cuda` variant when the build has finished)
+  cuda_ext    tests/test_cuda_ext.py, once the build has finished
+  grouped     bench/grouped.py
+  loader      bench/loader_throughput.py, when nvidia-dali imports
+It writes at most 8 files into --out: suite.json (device, versions, date, command, each step's status,
+seconds and summary, the final table), suite.log (everything the steps printed), tests.json,
+throughput.json, layers.json, grouped.json, loader.json, dispatch.json (the measured backend choices).
+The same command on a machine without a GPU is a CPU smoke test of seconds (reference paths only, tiny
+sizes, tests and build skipped), labelled CPU; CI runs it.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import environment, progress, write_json  # noqa: E402
+
+# (step, nominal budget in seconds on a GPU); the order they run in. The build runs beside them.
+GPU_STEPS = (("env", 15), ("tests", 180), ("throughput", 120), ("layers", 50), ("cuda_ext", 25),
+             ("grouped", 25), ("loader", 35))
+TOTAL_SECONDS = 470          # the 8 minutes, less start-up and the final table
+STARTUP_SECONDS = 12         # a subprocess's Python, torch and triton imports before it measures anything
+
+
+class Suite:
+    def __init__(self, out: Path, gpu: bool, total: float) -> None:
+        self.out, self.gpu = out, gpu
+        self.deadline = time.monotonic() + total
+        self.log = open(out / "suite.log", "w")
+        self.steps: dict[str, dict] = {}
+        self.tests: dict[str, dict] = {}              # pytest reports per test step (tests.json)
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", ENGINE_DISPATCH_CACHE=str(out / "dispatch.json"))
+        if gpu:
+            self.env["TRITON_INTERPRET"] = "0"
+        else:
+            self.env.pop("TRITON_INTERPRET", None)
+
+    def budget(self, name: str) -> float:
+        """This step's seconds: what is left, less the nominal budgets of the steps after it."""
+        later = [b for s, b in GPU_STEPS[[s for s, _ in GPU_STEPS].index(name) + 1:]]
+        return max(5.0, self.deadline - time.monotonic() - sum(later))
+
+    def run(self, name: str, cmd: list[str], budget: float) -> dict:
+        """Run `cmd` in the repo root under `budget` seconds; its output goes to suite.log."""
+        progress(f"{name}: {' '.join(cmd[1:])} (budget {budget:.0f} s)")
+        self.log.write(f"\n===== {name}: {' '.join(cmd)}\n")
+        self.log.flush()
+        t0 = time.monotonic()
+        try:
+            done = subprocess.run(cmd, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                  timeout=budget)
+            status = "ok" if done.returncode == 0 else f"failed (exit {done.returncode})"
+        except subprocess.TimeoutExpired:
+            status = f"timeout after {budget:.0f} s"
+        step = {"status": status, "seconds": round(time.monotonic() - t0, 1), "command": " ".join(cmd[1:])}
+        self.steps[name] = step
+        progress(f"{name}: {status} in {step['seconds']} s")
+        return step
+
+    def skip(self, name: str, why: str) -> None:
+        self.steps[name] = {"status": f"skipped: {why}", "seconds": 0.0}
+        progress(f"{name}: skipped ({why})")
+
+
+def _environment(suite: Suite) -> dict:
+    info = subprocess.run([sys.executable, "-m", "engine.info"], cwd=ROOT, env=suite.env, capture_output=True,
+                          text=True, timeout=60)
+    env = environment(torch.device("cuda" if suite.gpu else "cpu"))
+    env["engine_info"] = (info.stdout + info.stderr).strip().splitlines()
+    if suite.gpu and shutil.which("nvidia-smi"):
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+        env["nvidia_smi"] = smi.stdout.strip()
+    suite.steps["env"] = {"status": "ok", "seconds": 0.0, "summary": f"{env['device']}, torch {env['torch']}, "
+                                                                   f"triton {env['triton']}"}
+    return env
+
+
+def _start_build(suite: Suite) -> subprocess.Popen | None:
+    """The CUDA extension build for this GPU's architecture, in the background (None: not built here)."""
+    if not suite.gpu:
+        suite.skip("build", "no CUDA device")
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    env = dict(suite.env, TORCH_CUDA_ARCH_LIST=f"{major}.{minor}", MAX_JOBS=str(max(1, (os.cpu_count() or 2) - 2)))
+    env.setdefault("CUDA_HOME", "/usr/local/cuda")
+    log = open(suite.out / "build.log.tmp", "w")
+    suite.build_started = time.monotonic()
+    return subprocess.Popen([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def _finish_build(suite: Suite, build: subprocess.Popen | None, wait: float) -> bool:
+    """Wait up to `wait` seconds for the build; True when engine._C was built. Its log joins suite.log."""
+    if build is None:
+        return False
+    try:
+        build.wait(timeout=max(wait, 0.1))
+    except subprocess.TimeoutExpired:
+        suite.steps["build"] = {"status": "still running", "seconds": round(time.monotonic() - suite.build_started, 1)}
+        return False
+    tmp = suite.out / "build.log.tmp"
+    suite.log.write("\n===== build (background)\n" + tmp.read_text())
+    tmp.unlink()
+    built = build.returncode == 0 and any((ROOT / "engine").glob("_C*.so"))
+    suite.steps["build"] = {"status": "ok" if built else f"failed (exit {build.returncode})",
+                            "seconds": round(time.monotonic() - suite.build_started, 1)}
+    return built
+
+
+def _tests(suite: Suite, budget: float, paths: list[str], name: str) -> None:
+    xml = suite.out / f"{name}.xml.tmp"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu_tier", f"--junitxml={xml}",
+           "--durations=10", *paths]
+    step = suite.run(name, cmd, budget)
+    if xml.exists():
+        report = _junit(xml)
+        xml.unlink()
+        step["summary"] = f"{report['passed']} passed, {report['failed']} failed, {report['skipped']} skipped"
+        suite.tests[name] = report
+
+
+def _junit(path: Path) -> dict:
+    """Counts, failures (with the first lines of their messages) and the slowest tests of a JUnit XML report."""
+    cases = ElementTree.parse(path).getroot().iter("testcase")
+    report: dict = {"passed": 0, "failed": 0, "skipped": 0, "failures": [], "slowest": []}
+    timed = []
+    for case in cases:
+        name = f"{case.get('classname')}::{case.get('name')}"
+        timed.append((float(case.get("time", 0)), name))
+        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+        if bad is not None:
+            report["failed"] += 1
+            report["failures"].append({"test": name, "message": (bad.get("message") or "")[:2000]})
+        elif case.find("skipped") is not None:
+            report["skipped"] += 1
+        else:
+            report["passed"] += 1
+    report["slowest"] = [{"test": n, "seconds": t} for t, n in sorted(timed, reverse=True)[:10]]
+    return report
+
+
+def _bench(suite: Suite, name: str, script: str, args: list[str], budget: float) -> None:
+    cmd = [sys.executable, f"bench/{script}", "--out", str(suite.out), "--max-seconds",
+           str(max(1, int(budget - STARTUP_SECONDS))), *args]
+    suite.run(name, cmd, budget)
+
+
+def _summaries(suite: Suite) -> list[str]:
+    """One line per result file, read back from the JSON the steps wrote."""
+    lines = []
+
+    def load(name: str) -> dict | None:
+        path = suite.out / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    throughput = load("throughput")
+    if throughput:
+        teacher_224 = None
+        for r in throughput["rows"]:
+            best = {v: m for v, m in r.items() if isinstance(m, dict) and "ms_per_step" in m}
+            cells = ", ".join(f"{v} {m['ms_per_step']:.1f} ms ({m.get('speedup_vs_ofa', float('nan')):.2f}x)"
+                              for v, m in best.items())
+            lines.append(f"throughput {r['net']} {r['phase']}: {cells}")
+            if r["net"] == "imagenet" and r["phase"] == "teacher" and "ours" in best:
+                teacher_224 = best["ours"]["images_per_s"]
+        suite.steps["throughput"]["summary"] = f"{len(throughput['rows'])} rows"
+    else:
+        teacher_224 = None
+    for name in ("layers", "grouped"):
+        data = load(name)
+        if data:
+            done = [r for r in data["rows"] if "skipped" not in r]
+            suite.steps[name]["summary"] = f"{len(done)} of {len(data['rows'])} rows measured"
+            for r in done:
+                cells = [f"{v} {m['fwd_bwd_ms']:.3f} ms" for v, m in r.items() if isinstance(m, dict) and "fwd_bwd_ms" in m]
+                lines.append(f"{name} {r['layer']} {r.get('dtype', '')} fwd+bwd: " + ", ".join(cells))
+    loader = load("loader")
+    if loader:
+        for r in loader["rows"]:
+            if "skipped" in r:
+                continue
+            extra = ""
+            if r["resolution"] == 224 and teacher_224:
+                extra = f"; DALI / 224-px teacher step (ours) = {r['dali_img_s'] / teacher_224:.2f}x (target >= 1.5x)"
+            lines.append(f"loader {r['data']}: DALI {r['dali_img_s']:.0f} img/s ({r['dali_cpu_cores']:.1f} cores) vs "
+                         f"torchvision {r['torchvision_img_s']:.0f} img/s ({r['torchvision_cpu_cores']:.1f} cores)"
+                         + extra)
+        suite.steps["loader"]["summary"] = f"{len(loader['rows'])} rows"
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for the (at most 8) result files; created if missing")
+    p.add_argument("--total-seconds", type=float, default=TOTAL_SECONDS, help="wall-clock budget of the whole suite")
+    p.add_argument("--skip", nargs="+", default=[], choices=[s for s, _ in GPU_STEPS if s != "env"] + ["build"],
+                   help="steps not to run")
+    args = p.parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.is_available()
+    suite = Suite(out, gpu, args.total_seconds)
+    if importlib.util.find_spec("engine.kernels") is None and (ROOT / "kernels").is_dir():
+        (ROOT / "engine" / "kernels").symlink_to(ROOT / "kernels")   # a plain copy of the tree: map engine.kernels
+    env = _environment(suite)
+    label = "GPU" if gpu else "CPU smoke (reference paths, tiny sizes; not comparable with GPU figures)"
+    progress(f"GPU suite on {env['device']} [{label}] -> {out}")
+    build = None if "build" in args.skip else _start_build(suite)
+    if build is None and "build" in args.skip:
+        suite.skip("build", "--skip")
+    steps = [s for s, _ in GPU_STEPS[1:] if s not in args.skip]
+    for skipped in (s for s, _ in GPU_STEPS[1:] if s in args.skip):
+        suite.skip(skipped, "--skip")
+    built = False
+    for name in steps:
+        budget = suite.budget(name)
+        if name == "tests":
+            if gpu:
+                _tests(suite, budget, ["--ignore=tests/test_cuda_ext.py", "tests"], "tests")
+            else:
+                suite.skip("tests", "no CUDA device (CI runs the CPU tier)")
+        elif name == "throughput":
+            _bench(suite, name, "run_throughput.py", [] if gpu else
+                   ["--device", "cpu", "--nets", "cifar", "--batch", "2", "--steps", "1", "--warmup", "0",
+                    "--subnets", "2", "--variants", "ofa_cl", "ours"], budget)
+        elif name == "layers":
+            built = _finish_build(suite, build, wait=0 if not gpu else min(30.0, budget / 3))
+            _bench(suite, name, "layers.py", [] if gpu else ["--device", "cpu", "--batch", "1"],
+                   suite.budget(name))
+        elif name == "cuda_ext":
+            built = built or _finish_build(suite, build, wait=0)
+            if built:
+                _tests(suite, budget, ["tests/test_cuda_ext.py"], "cuda_ext")
+            else:
+                suite.skip("cuda_ext", "the CUDA extension is not built" if gpu else "no CUDA device")
+        elif name == "grouped":
+            _bench(suite, name, "grouped.py", [] if gpu else ["--device", "cpu", "--batch", "1"], budget)
+        elif name == "loader":
+            if importlib.util.find_spec("nvidia.dali") is None:
+                suite.skip("loader", "nvidia-dali does not import")
+            else:
+                _bench(suite, name, "loader_throughput.py", [] if gpu else
+                       ["--images", "16", "--batch", "8", "--epochs", "1", "--workers", "1"], budget)
+    if build is not None and build.poll() is None:
+        build.kill()
+        _finish_build(suite, build, wait=5)
+    if suite.tests:
+        (out / "tests.json").write_text(json.dumps(suite.tests, indent=2))
+    lines = _summaries(suite)
+    table = [f"{'step':11s} {'status':40s} {'seconds':>8s}  summary"]
+    table += [f"{name:11s} {s['status'][:40]:40s} {s['seconds']:8.1f}  {s.get('summary', '')}"
+              for name, s in suite.steps.items()]
+    suite.log.close()
+    payload = {"env": env, "label": label, "steps": suite.steps, "table": table, "results": lines,
+               "files": sorted(p.name for p in out.iterdir())}
+    write_json("suite", payload, out)
+    print("\n".join(table + [""] + lines), flush=True)
+    failed = [n for n, s in suite.steps.items() if s["status"].startswith(("failed", "timeout"))]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
