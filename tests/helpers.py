@@ -14,3 +14,25 @@ def kernel_device() -> str:
         return "cpu"
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1: the Triton kernels cannot run here",
                 allow_module_level=True)
+
+
+def make_jpeg_tree(root, classes: int = 3, per_class: int = 4, seed: int = 0):
+    """`root/class<c>/<i>.jpg`: crops of the real photos scikit-learn ships; class c keeps only colour
+    channel c (at least 40), so the label is recoverable from any crop: the channel with the largest mean."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = [np.asarray(im) for im in load_sample_images().images]          # china.jpg, flower.jpg
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            photo = photos[(c + i) % 2]
+            y, x = rng.integers(0, 100, 2)
+            crop = photo[y:y + 200, x:x + 260].copy()
+            keep = crop[..., c % 3].copy()
+            crop[:] = 0
+            crop[..., c % 3] = np.maximum(keep, 40)
+            Image.fromarray(crop).save(root / f"class{c}" / f"{i}.jpg", quality=90)
+    return root

@@ -7,34 +7,13 @@ dali = pytest.importorskip("nvidia.dali")
 
 from engine.data.dali import DaliLoader  # noqa: E402
 from engine.data.datasets import ArrayDataset, ImageFolderDataset  # noqa: E402
-
-
-def _photos() -> list[np.ndarray]:
-    from sklearn.datasets import load_sample_images
-
-    return [np.asarray(im) for im in load_sample_images().images]          # china.jpg, flower.jpg
+from helpers import make_jpeg_tree  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """3 classes x 4 JPEGs; class c keeps only colour channel c of a real photo crop, so the label is
-    recoverable from any crop: the channel with the largest mean."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("jpegs")
-    rng = np.random.default_rng(0)
-    photos = _photos()
-    for c in range(3):
-        (root / f"class{c}").mkdir()
-        for i in range(4):
-            photo = photos[(c + i) % 2]
-            y, x = rng.integers(0, 100, 2)
-            crop = photo[y:y + 200, x:x + 260].copy()
-            keep = crop[..., c].copy()
-            crop[:] = 0
-            crop[..., c] = np.maximum(keep, 40)
-            Image.fromarray(crop).save(root / f"class{c}" / f"{i}.jpg", quality=90)
-    return root
+    """3 classes x 4 JPEGs whose label is the colour channel with the largest mean."""
+    return make_jpeg_tree(tmp_path_factory.mktemp("jpegs"))
 
 
 def _loader(data, **kw):
@@ -112,12 +91,37 @@ def test_bad_inputs_are_clear_errors(folder, tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(bad / "class1" / "not_a_jpeg.jpg", format="PNG")
     with pytest.raises(ValueError, match="not_a_jpeg.jpg"):
         _loader(ImageFolderDataset(bad))
-    (bad / "class2" / "truncated.jpg").write_bytes((folder / "class2" / "0.jpg").read_bytes()[:300])
     (bad / "class1" / "not_a_jpeg.jpg").rename(bad / "not_a_jpeg.jpg")
-    with pytest.raises(RuntimeError, match="truncated.jpg"):          # corrupt body: named at run time
+    (bad / "class2" / "truncated.jpg").write_bytes((folder / "class2" / "0.jpg").read_bytes()[:300])
+    with pytest.raises(ValueError, match="truncated.jpg is a truncated JPEG"):        # named up front
+        _loader(ImageFolderDataset(bad))
+    (bad / "class2" / "truncated.jpg").rename(bad / "truncated.jpg")
+    body = bytearray((folder / "class0" / "1.jpg").read_bytes())
+    body[400:2400] = np.random.default_rng(0).bytes(2000)
+    (bad / "class0" / "garbled.jpg").write_bytes(bytes(body))
+    with pytest.raises(ValueError, match="garbled.jpg"):              # corrupt body: named at run time
         for _ in _loader(ImageFolderDataset(bad), train=False):
             pass
-    (bad / "not_a_jpeg.jpg").rename(bad / "class1" / "not_a_jpeg.jpg")
+    for name, part in (("not_a_jpeg.jpg", "class1"), ("truncated.jpg", "class2")):
+        (bad / name).rename(bad / part / name)
     loader = _loader(ImageFolderDataset(bad), skip_corrupt=True, train=False)
-    assert loader.skipped == 2
+    assert loader.skipped == 3
     assert sum(len(y) for _, y in loader) == 12
+
+
+@pytest.mark.parametrize("kind", ["imagenet", "cifar", "digits"])
+def test_autoaugment_and_random_erasing_run_for_every_data_kind(folder, kind):
+    """AutoAugment needs a pipeline with conditionals (it once failed to build: TypeError); with
+    random_erase=1 every training image has an erased (all-zero after normalising) box."""
+    if kind == "imagenet":
+        data = ImageFolderDataset(folder)
+    else:
+        rng = np.random.default_rng(0)
+        data = ArrayDataset(rng.integers(1, 255, (16, 32, 32, 3), dtype=np.uint8), np.arange(16) % 10,
+                            [str(c) for c in range(10)])
+    loader = _loader(data, kind=kind, batch_size=4, auto_augment=True, random_erase=1.0)
+    batches = list(loader)
+    assert batches and all(x.shape[1:] == (3, 32, 32) for x, _ in batches)
+    for x, _ in batches:
+        erased = (x == 0).all(1).flatten(1).float().mean(1)                 # per image: share of zeroed pixels
+        assert (erased >= 0.01).all(), erased

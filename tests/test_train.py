@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from engine.train.__main__ import main
+from engine.train.config import EXIT_INTERRUPTED
 
 # a small supernet and 8-px inputs keep each run to seconds on a CPU
 TINY = ["--resolution", "8", "--batch-size", "128", "--kernel-sizes", "3", "5", "--expand-ratios", "3", "4",
@@ -39,7 +40,7 @@ def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path):
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == EXIT_INTERRUPTED, proc.stderr.read().decode()
     killed = _model_state(out)
     stopped = killed["step"]
     assert 3 <= stopped < steps, stopped
@@ -87,7 +88,9 @@ def test_config_file_and_flag_precedence(tmp_path):
     cfg_file.write_text('{"bogus": 1}')
     with pytest.raises(ValueError, match="bogus"):
         parse_config(["--config", str(cfg_file)])
-    assert parse_config(["--dataset", "imagenet", "--data", "x"]).kernel_sizes == [7]
+    for part in ("train", "val"):
+        (tmp_path / "imagenet" / part).mkdir(parents=True)
+    assert parse_config(["--dataset", "imagenet", "--data", str(tmp_path / "imagenet")]).kernel_sizes == [7]
 
 
 def test_dali_training_runs(tmp_path):

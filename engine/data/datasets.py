@@ -6,6 +6,7 @@ augmented samples as an uninterrupted one.
 """
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 from pathlib import Path
@@ -46,7 +47,8 @@ class ArrayDataset(Dataset):
             raise ValueError(f"expected uint8 (N, H, W, 3) images, got {images.dtype} {images.shape}")
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.images, self.labels, self.classes = images, labels.astype(np.int64), classes
+        # contiguous: CIFAR's batches arrive transposed, and DALI's external source takes dense arrays only
+        self.images, self.labels, self.classes = np.ascontiguousarray(images), labels.astype(np.int64), classes
 
     def __len__(self) -> int:
         return len(self.images)
@@ -113,6 +115,44 @@ def cifar(path: str | os.PathLike) -> tuple[ArrayDataset, ArrayDataset]:
     return ArrayDataset(xtr, ytr, classes), ArrayDataset(xte, yte, classes)
 
 
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def is_jpeg(path: str) -> bool:
+    """True when the file starts with the JPEG magic bytes."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(3) == JPEG_MAGIC
+    except OSError:
+        return False
+
+
+def jpeg_truncated(path: str, tail: int = 1024) -> bool:
+    """True when a JPEG file has no end-of-image marker (FF D9) in its last `tail` bytes: cut short
+    (a cheap check, no decoding; some decoders crash on such files instead of failing)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - tail))
+            return b"\xff\xd9" not in f.read()
+    except OSError:
+        return True
+
+
+def readable(path: str, jpeg_only: bool = False) -> bool:
+    """True when the image file decodes completely (PIL), and is a JPEG if `jpeg_only`."""
+    from PIL import Image
+
+    if jpeg_only and not is_jpeg(path):
+        return False
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except Exception:  # noqa: BLE001 - any decoder failure means unreadable
+        return False
+
+
 class ImageFolderDataset(Dataset):
     """An ImageFolder tree `root/<class>/<image>`; checked up front (missing path, no classes, an
     empty class folder) and an unreadable image raises naming the file."""
@@ -137,6 +177,20 @@ class ImageFolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def without_unreadable(self, jpeg_only: bool = False, workers: int = 8) -> tuple["ImageFolderDataset", list[str]]:
+        """(a copy holding only the files that decode (and are JPEG, with `jpeg_only`: DALI's file reader
+        decodes JPEG only), the paths left out). Every file is decoded once, on `workers` threads."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            ok = list(pool.map(lambda sample: readable(sample[0], jpeg_only), self.samples))
+        kept = copy.copy(self)
+        kept.samples = [s for s, good in zip(self.samples, ok) if good]
+        skipped = [s[0] for s, good in zip(self.samples, ok) if not good]
+        if not kept.samples:
+            raise ValueError(f"no readable {'JPEG ' if jpeg_only else ''}images under {self.root}")
+        return kept, skipped
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         from torchvision.io import ImageReadMode, decode_image, read_file

@@ -1,7 +1,8 @@
 """Build datasets and the torchvision DataLoaders (sharded per rank, resumable mid-epoch)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,6 +14,9 @@ from engine.data.transforms import train_transform, val_transform
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
 
 
+log = logging.getLogger("engine.data")
+
+
 @dataclass
 class Data:
     train: datasets.SeededDataset
@@ -20,12 +24,19 @@ class Data:
     num_classes: int
     kind: str            # transform family: "digits", "cifar" or "imagenet"
     resolution: int
+    skipped: list[str] = field(default_factory=list)     # image files left out by skip_corrupt
 
 
 def load_data(dataset: str, path: str | None, resolution: int, seed: int, auto_augment: bool = False,
-              random_erase: float = 0.0) -> Data:
+              random_erase: float = 0.0, skip_corrupt: bool = False, jpeg_only: bool = False,
+              workers: int = 8) -> Data:
     """dataset: "digits" (built in, no path), "cifar10"/"cifar100" (python batches in `path`),
-    "imagenet" (ImageFolder trees `path`/train and `path`/val of JPEGs)."""
+    "imagenet" (ImageFolder trees `path`/train and `path`/val of JPEGs).
+
+    skip_corrupt: decode every image file once (on `workers` threads) and leave out the unreadable ones
+    (and non-JPEG ones with `jpeg_only`, for DALI) from both splits, so training, BN calibration and
+    evaluation all see the same files."""
+    skipped: list[str] = []
     if dataset == "digits":
         if path:
             raise ValueError("--dataset digits is built in and takes no --data path")
@@ -43,11 +54,17 @@ def load_data(dataset: str, path: str | None, resolution: int, seed: int, auto_a
         train = datasets.ImageFolderDataset(root / "train")
         val = datasets.ImageFolderDataset(root / "val", classes=train.classes)
         kind = "imagenet"
+        if skip_corrupt:
+            (train, bad_train), (val, bad_val) = (d.without_unreadable(jpeg_only, workers) for d in (train, val))
+            skipped = bad_train + bad_val
+            if skipped:
+                log.warning("--skip-corrupt: left out %d unreadable%s image files (first: %s)", len(skipped),
+                            " or non-JPEG" if jpeg_only else "", skipped[0])
     else:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
     return Data(datasets.SeededDataset(train, train_transform(kind, resolution, auto_augment, random_erase), seed),
                 datasets.SeededDataset(val, val_transform(kind, resolution), seed),
-                len(train.classes), kind, resolution)
+                len(train.classes), kind, resolution, skipped)
 
 
 def train_loader(data: Data, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1,

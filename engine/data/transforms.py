@@ -14,23 +14,29 @@ def _normalise(kind: str) -> list:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN[kind], STD[kind])]
 
 
+POLICIES = {"imagenet": v2.AutoAugmentPolicy.IMAGENET, "cifar": v2.AutoAugmentPolicy.CIFAR10,
+            "digits": v2.AutoAugmentPolicy.SVHN}
+
+
 def train_transform(kind: str, resolution: int, auto_augment: bool = False,
                     random_erase: float = 0.0) -> Callable[[torch.Tensor], torch.Tensor]:
-    """kind: "imagenet" (random-resized-crop (0.08, 1), flip, [AutoAugment], [random erase]),
-    "cifar" (4-px padded random crop, flip), "digits" (2-px padded random crop, no flip)."""
+    """kind: "imagenet" (random-resized-crop (0.08, 1), flip), "cifar" (4-px padded random crop, flip),
+    "digits" (2-px padded random crop, no flip); then [AutoAugment with the kind's policy: ImageNet,
+    CIFAR-10, SVHN], normalise, [random erasing with probability `random_erase`]."""
     if kind == "imagenet":
         ops = [v2.RandomResizedCrop(resolution, scale=(0.08, 1.0), antialias=True), v2.RandomHorizontalFlip()]
-        if auto_augment:
-            ops.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET))
-        ops += _normalise(kind)
-        if random_erase > 0:
-            ops.append(v2.RandomErasing(random_erase))
-        return v2.Compose(ops)
-    if kind == "cifar":
-        return v2.Compose([v2.RandomCrop(resolution, padding=4), v2.RandomHorizontalFlip()] + _normalise(kind))
-    if kind == "digits":
-        return v2.Compose([v2.RandomCrop(resolution, padding=2)] + _normalise(kind))
-    raise ValueError(f"unknown dataset kind {kind!r}")
+    elif kind == "cifar":
+        ops = [v2.RandomCrop(resolution, padding=4), v2.RandomHorizontalFlip()]
+    elif kind == "digits":
+        ops = [v2.RandomCrop(resolution, padding=2)]
+    else:
+        raise ValueError(f"unknown dataset kind {kind!r}")
+    if auto_augment:
+        ops.append(v2.AutoAugment(POLICIES[kind]))
+    ops += _normalise(kind)
+    if random_erase > 0:
+        ops.append(v2.RandomErasing(random_erase))
+    return v2.Compose(ops)
 
 
 def val_transform(kind: str, resolution: int) -> Callable[[torch.Tensor], torch.Tensor]:

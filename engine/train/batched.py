@@ -31,6 +31,7 @@ from engine.elastic.grouped import channel_mask, grouped_batchnorm_act, grouped_
 from engine.elastic.se import se_mid_channels
 from engine.supernet.blocks import MBConvBlock
 from engine.supernet.mobilenetv3 import OFAMobileNetV3
+from engine.train.guard import grads_nonfinite
 from engine.train.losses import kd_loss, soft_labels
 from engine.train.sandwich import StepResult, touch_all
 
@@ -182,9 +183,11 @@ class BatchedSandwich(torch.nn.Module):
 
 def batched_step(model: OFAMobileNetV3, net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                  cfgs: list[dict], betas: list[float], label_smoothing: float, temperature: float,
-                 scaler: torch.amp.GradScaler | None, amp_dtype: torch.dtype | None) -> StepResult:
+                 scaler: torch.amp.GradScaler | None, amp_dtype: torch.dtype | None,
+                 check_grads: bool = False) -> StepResult:
     """Same contract and gradients as `sequential_step`, in one forward and one backward.
-    `net` is a BatchedSandwich over `model`, or its DDP wrapper."""
+    `net` is a BatchedSandwich over `model`, or its DDP wrapper. One backward: a non-finite gradient
+    is reported for every subnet."""
     with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         logits = net(images, cfgs).float()                                     # (N, K, classes)
     loss_max = F.cross_entropy(logits[:, 0], labels, label_smoothing=label_smoothing)
@@ -195,4 +198,7 @@ def batched_step(model: OFAMobileNetV3, net: torch.nn.Module, images: torch.Tens
         total = total + touch_all(model)
     (scaler.scale(total) if scaler is not None else total).backward()
     model.set_active_subnet(cfgs[-1])
-    return StepResult(loss_max.item(), sum(l.item() for l in kd) / max(len(kd), 1))
+    losses = torch.stack([loss_max.detach()] + [l.detach() for l in kd])
+    grads_bad = (grads_nonfinite(model.parameters()).bool().expand(len(cfgs)) if check_grads
+                 else torch.zeros_like(losses, dtype=torch.bool))
+    return StepResult(losses, grads_bad)

@@ -1,10 +1,15 @@
-"""Checkpoints: atomic save (write, fsync, rename) and validated load.
+"""Checkpoints: atomic save (write, fsync, rename) and verified load.
 
-A checkpoint holds only tensors and plain data (loadable with weights_only=True): model, optimizer
-and scaler state, RNG states, epoch/step, the exact run config and the supernet spec.
+A checkpoint holds only tensors and plain data (loadable with torch.load(..., weights_only=True)):
+model, optimizer and scaler state, RNG states, epoch/step, the exact run config and the supernet spec,
+plus "integrity": the format version and a SHA-256 of everything else (every tensor's dtype, shape and
+bytes, and the plain data), checked on load, so a file damaged on disk is refused instead of loading
+silently wrong weights.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import random
 from pathlib import Path
@@ -14,15 +19,45 @@ import numpy as np
 import torch
 
 
+log = logging.getLogger("engine.train")
+FORMAT = 2            # 1: no integrity record (accepted with a warning, not verified)
+
+
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used for this run (unreadable, or another architecture)."""
+    """A checkpoint that cannot be used for this run (unreadable, damaged, or another architecture)."""
+
+
+def digest(value: Any) -> str:
+    """SHA-256 over a nested structure of dicts, lists, tuples, tensors and plain values, in order."""
+    h = hashlib.sha256()
+
+    def feed(v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(v, dict):
+            h.update(f"D{len(v)}".encode())
+            for k, item in v.items():
+                feed(k)
+                feed(item)
+        elif isinstance(v, (list, tuple)):
+            h.update(f"L{len(v)}".encode())
+            for item in v:
+                feed(item)
+        else:
+            h.update(f"V{type(v).__name__}:{v!r}".encode())
+
+    feed(value)
+    return h.hexdigest()
 
 
 def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it: a crash mid-write never
-    leaves a truncated checkpoint."""
+    """Add the integrity record, write to a temporary file beside `path`, fsync, then rename over it:
+    a crash mid-write never leaves a truncated checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    state = {**state, "integrity": {"format": FORMAT, "sha256": digest(state)}}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         torch.save(state, f)
@@ -42,6 +77,15 @@ def load(path: str | os.PathLike, arch: dict) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is unreadable or corrupt ({type(err).__name__}: {err})") from err
     if not isinstance(state, dict) or "model" not in state or "arch" not in state:
         raise CheckpointError(f"{path} is not a checkpoint of this engine (no 'model'/'arch' entries)")
+    integrity = state.pop("integrity", None)
+    if integrity is None:
+        log.warning("checkpoint %s has no integrity record (format 1, an older engine): not verified", path)
+    elif not isinstance(integrity, dict) or integrity.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} has an unknown integrity record {str(integrity)[:80]}; this "
+                              f"engine reads format {FORMAT}")
+    elif digest(state) != integrity.get("sha256"):
+        raise CheckpointError(f"checkpoint {path} is damaged: its contents do not match the SHA-256 it was "
+                              "written with (restore a copy, or start a new run)")
     if state["arch"] != arch:
         diff = {k: (state["arch"].get(k), v) for k, v in arch.items() if state["arch"].get(k) != v}
         raise CheckpointError(f"checkpoint {path} is for another architecture: (checkpoint, this run) = {diff}")

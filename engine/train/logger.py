@@ -1,18 +1,28 @@
-"""Run logs: per-step CSV, TensorBoard (if installed), and GPU-hours used / projected."""
+"""Run logs: per-step CSV, TensorBoard (if installed), and GPU-hours used / projected.
+
+A fresh run starts its logs anew (an older run's steps.csv and tb/ in the same folder, left by a run
+killed before its first checkpoint, are removed); a resumed run keeps the rows up to the checkpoint's
+step and drops the ones after it (they are trained again), so steps.csv holds each step once.
+"""
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 import time
 from pathlib import Path
 
 
 class RunLogger:
-    """Writes <out>/steps.csv (appending on resume), <out>/tb/ and <out>/gpu_hours.json (rank 0 only)."""
+    """Writes <out>/steps.csv, <out>/tb/ and <out>/gpu_hours.json (rank 0 only)."""
 
-    FIELDS = ("step", "epoch", "phase", "lr", "beta", "loss_max", "loss_subnets", "images_per_s", "seconds")
+    FIELDS = ("step", "epoch", "phase", "lr", "beta", "loss_max", "loss_subnets", "skipped", "images_per_s",
+              "seconds")
+    # what a run writes into its folder besides checkpoint.pt and config.json
+    RUN_FILES = ("steps.csv", "gpu_hours.json", "summary.json", "pareto.csv", "pareto.png", "ddp_check.json")
 
-    def __init__(self, out_dir: str | Path, enabled: bool, devices: int, device_label: str) -> None:
+    def __init__(self, out_dir: str | Path, enabled: bool, devices: int, device_label: str,
+                 resume_step: int | None = None) -> None:
         self.out, self.enabled, self.devices, self.device_label = Path(out_dir), enabled, devices, device_label
         self.step_seconds: dict[str, list[float]] = {}
         self._tb = None
@@ -20,6 +30,12 @@ class RunLogger:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / "steps.csv"
+        if resume_step is None:
+            for name in self.RUN_FILES:
+                (self.out / name).unlink(missing_ok=True)
+            shutil.rmtree(self.out / "tb", ignore_errors=True)
+        else:
+            self._truncate(path, resume_step)
         new = not path.exists()
         self._csv_file = open(path, "a", newline="")
         self._csv = csv.DictWriter(self._csv_file, fieldnames=self.FIELDS)
@@ -28,19 +44,34 @@ class RunLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.out / "tb"))
+            # purge_step: TensorBoard drops the resumed run's events after the checkpoint
+            self._tb = SummaryWriter(str(self.out / "tb"), purge_step=None if resume_step is None else resume_step + 1)
         except ImportError:
             self._tb = None
+
+    def _truncate(self, path: Path, step: int) -> None:
+        """Keep the header and the rows of steps <= `step` (the checkpoint's)."""
+        if not path.exists():
+            return
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.FIELDS)
+            writer.writeheader()
+            writer.writerows({k: r.get(k, "") for k in self.FIELDS} for r in rows if int(r["step"]) <= step)
 
     def log_step(self, row: dict) -> None:
         self.step_seconds.setdefault("teacher" if row["phase"] == "teacher" else "shrink", []).append(row["seconds"])
         if not self.enabled:
             return
         self._csv.writerow({k: row[k] for k in self.FIELDS})
-        self._csv_file.flush()
         if self._tb is not None:
             for k in ("lr", "beta", "loss_max", "loss_subnets", "images_per_s"):
                 self._tb.add_scalar(f"train/{k}", row[k], row["step"])
+
+    def flush(self) -> None:
+        if self.enabled:
+            self._csv_file.flush()
 
     def device_hours(self, elapsed_s: float, remaining_teacher: int, remaining_shrink: int, subnets: int) -> dict:
         """Used and projected device-hours (devices x wall time). Unseen shrink steps are estimated

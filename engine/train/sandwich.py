@@ -14,6 +14,7 @@ from torch import nn
 
 from engine.supernet import arch
 from engine.supernet.mobilenetv3 import OFAMobileNetV3
+from engine.train.guard import grads_nonfinite
 from engine.train.losses import kd_loss, soft_labels
 
 # which dimensions are elastic in each phase of OFA progressive shrinking (others stay at max)
@@ -38,8 +39,19 @@ def sample_sandwich(model: OFAMobileNetV3, phase: str, n_subnets: int, sampler: 
 
 @dataclass
 class StepResult:
-    loss_max: float
-    loss_subnets: float           # mean unweighted KD loss of the other subnets (0 if none)
+    """What a step leaves on the device (nothing is read on the host: no sync per step)."""
+
+    losses: torch.Tensor          # (K,) float32: the max net's CE, then each subnet's unweighted KD loss
+    grads_bad: torch.Tensor       # (K,) bool: subnet k's backward left a non-finite gradient (k and later)
+
+    @property
+    def loss_max(self) -> torch.Tensor:
+        return self.losses[0]
+
+    @property
+    def loss_subnets(self) -> torch.Tensor:
+        """Mean unweighted KD loss of the subnets after the max net (0 if none)."""
+        return self.losses[1:].mean() if self.losses.shape[0] > 1 else torch.zeros_like(self.losses[0])
 
 
 def touch_all(model: nn.Module) -> torch.Tensor:
@@ -50,15 +62,17 @@ def touch_all(model: nn.Module) -> torch.Tensor:
 
 def sequential_step(model: OFAMobileNetV3, net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                     cfgs: list[dict], betas: list[float], label_smoothing: float, temperature: float,
-                    scaler: torch.amp.GradScaler | None, amp_dtype: torch.dtype | None) -> StepResult:
+                    scaler: torch.amp.GradScaler | None, amp_dtype: torch.dtype | None,
+                    check_grads: bool = False) -> StepResult:
     """Forward/backward each subnet in turn; gradients accumulate in .grad (no optimizer step).
 
     cfgs[0] must be the max net: it is trained on `labels` with label-smoothed CE (weight betas[0]);
     every later subnet k is distilled from its detached soft labels with weight betas[k].
-    `net` is `model` or its DDP wrapper (only the last backward synchronises).
+    `net` is `model` or its DDP wrapper (only the last backward synchronises). With `check_grads`,
+    the gradients are checked for inf/NaN after each subnet's backward (on the device).
     """
     ddp = isinstance(net, nn.parallel.DistributedDataParallel)
-    losses, targets = [], None
+    losses, bad, targets = [], [], None
     for i, (cfg, beta) in enumerate(zip(cfgs, betas)):
         model.set_active_subnet(cfg)
         last = i == len(cfgs) - 1
@@ -72,5 +86,9 @@ def sequential_step(model: OFAMobileNetV3, net: nn.Module, images: torch.Tensor,
                 loss = kd_loss(logits, targets, temperature)
             weighted = loss * beta + (touch_all(model) if ddp and last else 0.0)
             (scaler.scale(weighted) if scaler is not None else weighted).backward()
-        losses.append(loss.item())
-    return StepResult(losses[0], sum(losses[1:]) / max(len(losses) - 1, 1))
+        losses.append(loss.detach().float())
+        if check_grads:
+            bad.append(grads_nonfinite(model.parameters()))
+    losses_t = torch.stack(losses)
+    grads_bad = torch.cat(bad).bool() if check_grads else torch.zeros_like(losses_t, dtype=torch.bool)
+    return StepResult(losses_t, grads_bad)

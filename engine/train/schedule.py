@@ -1,6 +1,6 @@
 """The training schedules as small pure functions (steps are global optimizer steps from 0).
 
-DεpS (spec: shared/docs/deps_method.md), with E epochs, T teacher epochs, W subnet warm-up epochs:
+DεpS (docs/method.md), with E epochs, T teacher epochs, W subnet warm-up epochs:
   epochs [0, T - W): teacher phase, max net only;
   epochs [T - W, T): sandwich, the subnets' effective lr rises linearly from 0 to
                      multiplier * lr(T) over W * steps_per_epoch steps; beta = effective / lr(t);

@@ -1,4 +1,8 @@
-"""The training loop: teacher phase, sandwich phase, checkpoints, logs, final evaluation."""
+"""The training loop: teacher phase, sandwich phase, checkpoints, logs, final evaluation.
+
+A step leaves its losses on the device; they are read on the host once per --log-every steps (with the
+non-finite guard's counts), so the loop does not wait for the GPU between steps.
+"""
 from __future__ import annotations
 
 import itertools
@@ -18,16 +22,18 @@ from engine.eval.evaluate import evaluate_subnets
 from engine.eval.pareto import write_report
 from engine.supernet import OFAMobileNetV3, SupernetSpec, arch
 from engine.train import checkpoint
-from engine.train.config import TrainConfig
-from engine.train.distributed import init_distributed, ranks_agree
-from engine.train.logger import RunLogger, Timer
 from engine.train.batched import BatchedSandwich, batched_step
+from engine.train.config import TrainConfig, validate
+from engine.train.distributed import init_distributed, ranks_agree
+from engine.train.guard import NonFiniteError, NonFiniteGuard, repair_running_stats
+from engine.train.logger import RunLogger, Timer
 from engine.train.sandwich import sample_sandwich, sequential_step
 from engine.train.schedule import cosine_lr, make_plan, subnet_beta
 
 log = logging.getLogger("engine.train")
 # fields that may change between an interrupted run and its resumption
-RESUMABLE_DIFFERENCES = {"resume", "max_steps", "progress", "workers", "out", "backend"}
+RESUMABLE_DIFFERENCES = {"resume", "max_steps", "progress", "workers", "out", "backend", "log_every",
+                         "max_bad_steps"}
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -38,11 +44,22 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _momentum_buffers(optimizer: torch.optim.SGD) -> None:
+    """Zero momentum buffers for every parameter that has none. The fused SGD step takes all buffers
+    or none, and parameters get their first gradient at different steps (the kernel transforms only
+    when shrinking starts). With dampening 0 a zero buffer gives the same first step as none: buf = grad."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+
+
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     if not cfg.amp:
         return None
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float16
+    if device.type == "cpu":
+        log.info("--amp on a CPU: bf16 autocast (most CPUs run it slower than float32)")
     return torch.bfloat16
 
 
@@ -58,27 +75,78 @@ def build_model(cfg: TrainConfig, num_classes: int) -> OFAMobileNetV3:
 
 
 class _Stop:
-    """SIGTERM: finish the current step, checkpoint, exit."""
+    """SIGTERM / SIGINT: finish the current step, checkpoint, exit (a second SIGINT stops at once)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.requested = True
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class _StepLog:
+    """Per-step rows whose losses are still on the device; written out once per logging interval."""
+
+    def __init__(self, logger: RunLogger, guard: NonFiniteGuard, bar) -> None:
+        self.logger, self.guard, self.bar, self.rows = logger, guard, bar, []
+
+    def add(self, row: dict, losses: torch.Tensor, skipped: torch.Tensor) -> None:
+        k = losses.shape[0]
+        row["_device"] = torch.stack([losses[0], losses[1:].mean() if k > 1 else torch.zeros_like(losses[0]),
+                                      skipped.reshape(())])
+        self.rows.append(row)
+
+    def flush(self) -> dict:
+        """Read the pending losses and the guard's counts (one host sync); NonFiniteError when the run
+        has diverged."""
+        if self.rows:
+            values = torch.stack([r.pop("_device") for r in self.rows]).tolist()
+            for row, (loss_max, loss_subnets, skipped) in zip(self.rows, values):
+                row.update(loss_max=loss_max, loss_subnets=loss_subnets, skipped=int(skipped))
+                self.logger.log_step(row)
+            last = self.rows[-1]
+            self.bar.set_postfix(phase=last["phase"], loss=f"{last['loss_max']:.3f}", kd=f"{last['loss_subnets']:.3f}",
+                                 img_s=f"{last['images_per_s']:.0f}")
+            self.logger.flush()
+            self.rows = []
+        return self.guard.read()
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                    found_inf: torch.Tensor) -> None:
+    """The fused SGD skips the update on the device where found_inf is 1; with fp16 the GradScaler's own
+    inf check does (a non-finite loss makes non-finite gradients)."""
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.found_inf = found_inf
+        optimizer.step()
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Train according to `cfg`; returns a summary dict (also written to <out>/summary.json)."""
+    """Train according to `cfg`; returns a summary dict (also written to <out>/summary.json).
+    Raises ValueError for bad settings (before any data is read) and NonFiniteError on divergence."""
+    validate(cfg)
     rank, world, local_rank = init_distributed()
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     set_backend(cfg.backend)
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
-    data = load_data(cfg.dataset, cfg.data, cfg.resolution, cfg.seed, cfg.auto_augment, cfg.random_erase)
+    resume_path = None if not cfg.resume else ckpt_path if cfg.resume == "auto" else Path(cfg.resume)
+    if resume_path is None and ckpt_path.exists():
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
+    data = load_data(cfg.dataset, cfg.data, cfg.resolution, cfg.seed, cfg.auto_augment, cfg.random_erase,
+                     cfg.skip_corrupt, jpeg_only=cfg.dali, workers=max(cfg.workers, 4))
     epoch_batches, val_loader, spe = _loaders(cfg, data, device, rank, world)
     torch.manual_seed(cfg.seed)                    # same initial weights on every rank and every run
     model = build_model(cfg, data.num_classes).to(device)
@@ -87,28 +155,31 @@ def run(cfg: TrainConfig) -> dict:
     total = spe * cfg.epochs
     base_lr = cfg.lr * cfg.batch_size * world / 128
     optimizer = torch.optim.SGD(_param_groups(model, cfg.weight_decay), lr=base_lr, momentum=cfg.momentum,
-                                nesterov=cfg.nesterov)
+                                nesterov=cfg.nesterov, fused=True)
     amp_dtype = _amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     plan = make_plan(cfg.method, cfg.epochs, cfg.teacher_epochs, cfg.warmup_epochs, cfg.sampler)
 
     step, reorganized, elapsed_before = 0, False, 0.0     # elapsed: wall seconds of earlier runs
-    if cfg.resume:
-        path = ckpt_path if cfg.resume == "auto" else Path(cfg.resume)
-        state = checkpoint.load(path, model.spec.to_dict())
+    _momentum_buffers(optimizer)
+    if resume_path is not None:
+        state = checkpoint.load(resume_path, model.spec.to_dict())
         changed = {k for k, v in cfg.to_dict().items() if state["config"].get(k) != v} - RESUMABLE_DIFFERENCES
         if changed:
-            raise checkpoint.CheckpointError(f"checkpoint {path} was trained with other settings: "
+            raise checkpoint.CheckpointError(f"checkpoint {resume_path} was trained with other settings: "
                                              + ", ".join(f"{k}={state['config'].get(k)!r}" for k in sorted(changed)))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:       # a checkpoint of an older engine may say fused=False
+            group["fused"], group["foreach"] = True, None
+        _momentum_buffers(optimizer)
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         step, reorganized = state["step"], state["reorganized"]
         elapsed_before = state["elapsed_seconds"]
-    elif ckpt_path.exists():
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
+        if rank == 0:
+            log.info("resumed from step %d (epoch %d) of %s", step, step // spe, resume_path)
 
     # "auto" stays sequential until a GPU measurement shows the batched step winning: on a CPU it is
     # 2.5-5x slower (bench/run_throughput.py), on a GPU it is not measured yet
@@ -118,29 +189,38 @@ def run(cfg: TrainConfig) -> dict:
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None)
     device_label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    logger = RunLogger(out, rank == 0, world, device_label)
+    logger = RunLogger(out, rank == 0, world, device_label, resume_step=step if resume_path is not None else None)
     if rank == 0:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    guard = NonFiniteGuard(max(cfg.subnets, 1), device, cfg.max_bad_steps, first_step=step)
 
     def save() -> None:
-        if rank == 0:
-            checkpoint.save_atomic({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None, "rng": checkpoint.rng_state(),
-                "step": step, "epoch": step // spe, "reorganized": reorganized,
-                "elapsed_seconds": elapsed_before + time.perf_counter() - run_start,
-                "config": cfg.to_dict(), "arch": model.spec.to_dict()}, ckpt_path)
+        if rank != 0:
+            return
+        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise NonFiniteError(f"parameters {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} are not finite "
+                                 f"at step {step}: not writing a checkpoint (the last good one, {ckpt_path}, is "
+                                 "kept); lower --lr")
+        checkpoint.save_atomic({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None, "rng": checkpoint.rng_state(),
+            "step": step, "epoch": step // spe, "reorganized": reorganized,
+            "elapsed_seconds": elapsed_before + time.perf_counter() - run_start,
+            "config": cfg.to_dict(), "arch": model.spec.to_dict()}, ckpt_path)
 
     stop = _Stop()
     stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
     run_start = time.perf_counter()
     max_cfg = arch.max_config(model.spec, model.n_stages)
     monitor_calib = calibration_batches(data, min(cfg.calib_images, 512), 256, device, cfg.channels_last)
-    summary: dict = {"interrupted": False}
+    summary: dict = {"interrupted": False, "skipped_corrupt_files": len(data.skipped)}
+    check_grads = scaler is None                     # with fp16, overflowing gradients are the scaler's business
     try:
         while step < stop_at and not stop.requested:
             epoch, in_epoch = divmod(step, spe)
             bar = _progress(cfg.progress and rank == 0, spe, in_epoch, f"epoch {epoch}")
+            steps_log = _StepLog(logger, guard, bar)
             timer = Timer()
             for images, labels in epoch_batches(epoch, in_epoch):
                 if step >= stop_at or stop.requested:
@@ -163,20 +243,18 @@ def run(cfg: TrainConfig) -> dict:
                     group["lr"] = lr
                 optimizer.zero_grad(set_to_none=True)
                 result = step_fn(model, net, images, labels, cfgs, betas, cfg.label_smoothing,
-                                 cfg.temperature, scaler, amp_dtype)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
+                                 cfg.temperature, scaler, amp_dtype, check_grads=check_grads)
+                found_inf = guard.update(result.losses, result.grads_bad)
+                _optimizer_step(optimizer, scaler, found_inf)
                 step += 1
                 seconds = timer.lap()
-                ips = images.shape[0] * world / max(seconds, 1e-9)
-                logger.log_step({"step": step, "epoch": epoch, "phase": phase, "lr": lr, "beta": beta,
-                                 "loss_max": result.loss_max, "loss_subnets": result.loss_subnets,
-                                 "images_per_s": ips, "seconds": seconds})
-                bar.set_postfix(phase=phase, loss=f"{result.loss_max:.3f}", kd=f"{result.loss_subnets:.3f}", img_s=f"{ips:.0f}")
+                steps_log.add({"step": step, "epoch": epoch, "phase": phase, "lr": lr, "beta": beta,
+                               "images_per_s": images.shape[0] * world / max(seconds, 1e-9), "seconds": seconds},
+                              result.losses, found_inf)
                 bar.update(1)
+                if step % cfg.log_every == 0:
+                    _after_flush(steps_log.flush(), model, rank)
+            _after_flush(steps_log.flush(), model, rank)
             bar.close()
             model.set_max_net()
             save()
@@ -190,9 +268,12 @@ def run(cfg: TrainConfig) -> dict:
                 log.info("epoch %d step %d: max-net top-1 %.2f%% (BN re-calibrated), %s-hours used %.4f, "
                          "projected for the run %.4f", epoch, step, acc, hours["device"],
                          hours["used_hours"], hours["projected_total_hours"])
-        if step < total:
+        summary["skipped_steps"] = guard.read()["skipped_steps"]
+        if stop.requested and step < total:
             summary["interrupted"] = True
-            log.info("stopped at step %d of %d (checkpoint %s); continue with --resume", step, total, ckpt_path)
+            log.info("interrupted at step %d of %d (checkpoint %s); continue with --resume", step, total, ckpt_path)
+        elif step < total:
+            log.info("stopped at --max-steps %d of %d (checkpoint %s); continue with --resume", step, total, ckpt_path)
         else:
             summary.update(_final_evaluation(model, cfg, data, device, val_loader, amp_dtype, out, rank))
         if world > 1:
@@ -211,6 +292,14 @@ def run(cfg: TrainConfig) -> dict:
     return summary
 
 
+def _after_flush(state: dict, model: nn.Module, rank: int) -> None:
+    """After a logging interval with skipped steps: clean the running statistics their forwards touched."""
+    if state["new_skipped"]:
+        fixed = repair_running_stats(model)
+        if fixed and rank == 0:
+            log.warning("%d non-finite running-statistics entries reset after skipped steps", fixed)
+
+
 def _loaders(cfg: TrainConfig, data, device: torch.device, rank: int, world: int):
     """(epoch_batches(epoch, skip) -> iterable of (images, labels), val loader, steps per epoch)."""
     if not cfg.dali:
@@ -219,19 +308,15 @@ def _loaders(cfg: TrainConfig, data, device: torch.device, rank: int, world: int
 
         return (epoch_batches, shard_loader(data.val, 256, rank, world, cfg.workers),
                 steps_per_epoch(data, cfg.batch_size, world))
-    from engine.data.dali import DaliLoader, dali_available
+    from engine.data.dali import DaliLoader
 
-    ok, why = dali_available()
-    if not ok:
-        raise ValueError(f"--dali: {why}")
     device_id = device.index if device.type == "cuda" else None
+    # the data was already checked (and, with --skip-corrupt, filtered) by load_data
     common = dict(kind=data.kind, resolution=data.resolution, seed=cfg.seed, rank=rank, world=world,
-                  device_id=device_id, skip_corrupt=cfg.skip_corrupt)
-    train = DaliLoader(data.train.base, cfg.batch_size, True, auto_augment=cfg.auto_augment, **common)
+                  device_id=device_id, num_threads=max(cfg.workers, 2))
+    train = DaliLoader(data.train.base, cfg.batch_size, True, auto_augment=cfg.auto_augment,
+                       random_erase=cfg.random_erase, **common)
     val = DaliLoader(data.val.base, 256, False, **common)
-    if cfg.random_erase:
-        log.warning("--dali: random erasing is not part of the DALI pipeline; it is applied only by the "
-                    "torchvision loader")
 
     def epoch_batches(epoch: int, skip: int):
         # DALI cannot seek: a mid-epoch resume reads and drops the batches already trained on (their
