@@ -72,6 +72,7 @@ setup(
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
-        "test": ["pytest"],
+        "export": ["onnx", "onnxscript", "onnxruntime"],
+        "test": ["pytest", "onnx", "onnxscript", "onnxruntime"],
     },
 )

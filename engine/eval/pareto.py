@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 
-def pareto_front(rows: list[dict]) -> list[dict]:
-    """Rows not dominated by another (lower-or-equal FLOPs and higher-or-equal top-1, one strictly)."""
-    return [r for r in rows if not any(o["mflops"] <= r["mflops"] and o["top1"] >= r["top1"]
-                                       and (o["mflops"], o["top1"]) != (r["mflops"], r["top1"]) for o in rows)]
+def pareto_front(rows: list[dict], cost: str = "mflops") -> list[dict]:
+    """Rows not dominated by another (lower-or-equal `cost` and higher-or-equal top-1, one strictly)."""
+    return [r for r in rows if not any(o[cost] <= r[cost] and o["top1"] >= r["top1"]
+                                       and (o[cost], o["top1"]) != (r[cost], r["top1"]) for o in rows)]
 
 
 def write_report(rows: list[dict], out_dir: str | Path, title: str = "") -> tuple[Path, Path]:

@@ -66,8 +66,9 @@ def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def load(path: str | os.PathLike, arch: dict) -> dict[str, Any]:
-    """Load and check a checkpoint against the supernet spec `arch` (SupernetSpec.to_dict())."""
+def read(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint of this engine, its integrity verified (CheckpointError otherwise); not yet matched
+    against any architecture."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -86,6 +87,12 @@ def load(path: str | os.PathLike, arch: dict) -> dict[str, Any]:
     elif digest(state) != integrity.get("sha256"):
         raise CheckpointError(f"checkpoint {path} is damaged: its contents do not match the SHA-256 it was "
                               "written with (restore a copy, or start a new run)")
+    return state
+
+
+def load(path: str | os.PathLike, arch: dict) -> dict[str, Any]:
+    """`read` a checkpoint and check it against the supernet spec `arch` (SupernetSpec.to_dict())."""
+    state = read(path)
     if state["arch"] != arch:
         diff = {k: (state["arch"].get(k), v) for k, v in arch.items() if state["arch"].get(k) != v}
         raise CheckpointError(f"checkpoint {path} is for another architecture: (checkpoint, this run) = {diff}")

@@ -1,0 +1,102 @@
+"""Export a chosen subnet as a standalone model, and load it back.
+
+Three artifacts, each re-loaded and checked against the supernet's own output (eval mode, the same
+re-calibrated BN statistics) on the same images:
+  subnet.pt    {"spec", "config", "state_dict"} of the plain-torch nn.Sequential (`load_subnet` rebuilds
+               it: no supernet checkpoint needed)
+  subnet.pt2   a torch.export program (batch size dynamic): torch.export.load(path).module()
+  subnet.onnx  ONNX (when the `onnx` package is installed), checked with onnxruntime when installed
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.supernet import SupernetSpec
+from engine.supernet.mobilenetv3 import OFAMobileNetV3
+
+
+def load_subnet(path: str | Path) -> nn.Module:
+    """The exported subnet saved by `export_subnet` (subnet.pt), in eval mode."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    supernet = OFAMobileNetV3(SupernetSpec(**saved["spec"]))
+    supernet.set_active_subnet(saved["config"])
+    net = supernet.export_active_subnet()
+    net.load_state_dict(saved["state_dict"])
+    return net.eval()
+
+
+def _diff(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).abs().max())
+
+
+def export_subnet(supernet: OFAMobileNetV3, cfg: dict, images: torch.Tensor, out: Path,
+                  tolerance: float = 1e-4) -> dict:
+    """Write the three artifacts of the supernet's subnet `cfg` (whose BN statistics the caller has
+    re-calibrated: the supernet is in eval mode with them) into `out`; each is re-loaded and its logits
+    on `images` compared with the supernet's. ValueError when one differs by more than `tolerance`
+    (relative to the largest logit)."""
+    out.mkdir(parents=True, exist_ok=True)
+    supernet.set_active_subnet(cfg)
+    images = images.detach().cpu().contiguous()
+    cpu = {k: v.detach().cpu() for k, v in supernet.state_dict().items()}
+    ref_model = OFAMobileNetV3(supernet.spec)
+    ref_model.load_state_dict(cpu)
+    ref_model.set_active_subnet(cfg)
+    ref_model.eval()
+    with torch.inference_mode():
+        want = ref_model(images)
+    net = ref_model.export_active_subnet().eval()
+    scale = float(want.abs().max()) or 1.0
+    report: dict = {}
+
+    path = out / "subnet.pt"
+    torch.save({"spec": supernet.spec.to_dict(), "config": cfg, "state_dict": net.state_dict()}, path)
+    with torch.inference_mode():
+        report["state_dict"] = {"file": path.name, "max_abs_diff": _diff(load_subnet(path)(images), want)}
+
+    path = out / "subnet.pt2"
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(net, (images,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, path)
+    with torch.inference_mode():
+        report["torch_export"] = {"file": path.name,
+                                  "max_abs_diff": _diff(torch.export.load(path).module()(images), want)}
+
+    if importlib.util.find_spec("onnx") is None:
+        report["onnx"] = {"skipped": "the onnx package is not installed (pip install onnx onnxscript onnxruntime)"}
+    else:
+        report["onnx"] = _onnx(net, images, want, out / "subnet.onnx")
+    bad = {k: v for k, v in report.items() if v.get("max_abs_diff", 0.0) > tolerance * scale}
+    if bad:
+        raise ValueError(f"exported subnet differs from the supernet: {bad} (logit scale {scale:.3g})")
+    return report
+
+
+def _onnx(net: nn.Module, images: torch.Tensor, want: torch.Tensor, path: Path) -> dict:
+    import onnx
+
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)        # one INFO line per deduplicated initializer
+
+    if importlib.util.find_spec("onnxscript") is not None:      # the supported exporter (torch.export based)
+        torch.onnx.export(net, (images,), str(path), input_names=["images"], output_names=["logits"],
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), dynamo=True,
+                          verbose=False)
+    else:                                                         # the TorchScript-based one, without onnxscript
+        torch.onnx.export(net, (images,), str(path), input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    onnx.checker.check_model(onnx.load(str(path)))
+    entry: dict = {"file": path.name}
+    if importlib.util.find_spec("onnxruntime") is None:
+        entry["checked"] = "onnx.checker only (onnxruntime is not installed)"
+        return entry
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+    entry["max_abs_diff"] = _diff(got, want)
+    return entry

@@ -1,0 +1,47 @@
+"""The search's report: every measured subnet as CSV, and the searched front beside the random, min and
+max subnets as a PNG (top-1 vs cost)."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from engine.eval.pareto import pareto_front
+
+STYLE = {"searched": ("tab:red", "o"), "random": ("tab:gray", "."), "min": ("tab:blue", "s"), "max": ("tab:blue", "^")}
+
+
+def write_front(points: list[dict], out: Path, title: str, unit: str) -> tuple[Path, Path]:
+    """points: {"source", "top1", "cost", "config"} rows. Writes front.csv (with a Pareto flag over all
+    points) and front.png; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    front = {id(r) for r in pareto_front(points, "cost")}
+    csv_path, png_path = out / "front.csv", out / "front.png"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["source", "top1", "cost", "unit", "on_front", "config"])
+        for r in sorted(points, key=lambda r: r["cost"]):
+            w.writerow([r["source"], f"{r['top1']:.2f}", f"{r['cost']:.4f}", unit, int(id(r) in front),
+                        json.dumps(r["config"], separators=(",", ":"))])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for source, (color, marker) in STYLE.items():
+        rows = [r for r in points if r["source"] == source]
+        if rows:
+            ax.scatter([r["cost"] for r in rows], [r["top1"] for r in rows], c=color, marker=marker, label=source)
+    searched = sorted(pareto_front([r for r in points if r["source"] == "searched"], "cost"), key=lambda r: r["cost"])
+    if searched:
+        ax.plot([r["cost"] for r in searched], [r["top1"] for r in searched], "-", c="tab:red", label="searched front")
+    ax.set_xlabel(unit)
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return csv_path, png_path
