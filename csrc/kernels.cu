@@ -214,28 +214,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine(const at::Tensor& weight, 
   return {rstd.contiguous(), scale, shift};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batchnorm_act_cuda(const at::Tensor& x_in, const at::Tensor& weight,
-                                                                  const at::Tensor& bias, const at::Tensor& running_mean,
-                                                                  const at::Tensor& running_var, bool training,
-                                                                  double eps, int64_t act) {
+std::tuple<at::Tensor, at::Tensor> batchnorm_act_cuda(const at::Tensor& x_in, const at::Tensor& weight,
+                                                      const at::Tensor& bias, const at::Tensor& running_mean,
+                                                      const at::Tensor& running_var, bool training, double eps,
+                                                      int64_t act) {
   TORCH_CHECK(act >= 0 && act <= 2, "act must be 0, 1 or 2, got ", act);
   TORCH_CHECK(x_in.size(1) <= weight.size(0), "input has more channels than the layer");
   c10::cuda::CUDAGuard guard(x_in.device());
   auto x = channels_last(x_in);
   const int64_t C = x.size(1);
-  at::Tensor mean, var;
+  at::Tensor stats;
   if (training) {
     auto vm = at::var_mean(x.to(at::kFloat), {0, 2, 3}, /*correction=*/0);
-    var = std::get<0>(vm).contiguous();
-    mean = std::get<1>(vm).contiguous();
+    stats = at::stack({std::get<1>(vm), std::get<0>(vm)});
   } else {
-    mean = running_mean.slice(0, 0, C).to(at::kFloat).clone();
-    var = running_var.slice(0, 0, C).to(at::kFloat).clone();
+    stats = at::stack({running_mean.slice(0, 0, C), running_var.slice(0, 0, C)}).to(at::kFloat);
   }
+  auto mean = stats[0].contiguous(), var = stats[1].contiguous();
   at::Tensor rstd, scale, shift;
   std::tie(rstd, scale, shift) = affine(weight, bias, mean, var, eps, C);
   auto y = empty_nhwc(x.size(0), C, x.size(2), x.size(3), x.options());
-  if (y.numel() == 0) return {y, mean, var};
+  if (y.numel() == 0) return {y, stats};
   auto s = c10::cuda::getCurrentCUDAStream();
   ENGINE_DISPATCH(x.scalar_type(), "batchnorm_act_cuda", [&] {
     bn_apply<scalar_t><<<blocks_for(y.numel()), kThreads, 0, s>>>(
@@ -243,19 +242,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batchnorm_act_cuda(const at::Tens
         y.numel(), C, static_cast<int>(act));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {y, mean, var};
+  return {y, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batchnorm_act_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias,
-    const at::Tensor& mean_in, const at::Tensor& var_in, bool training, double eps, int64_t act) {
+    const at::Tensor& stats, bool training, double eps, int64_t act) {
   c10::cuda::CUDAGuard guard(x_in.device());
   auto x = channels_last(x_in);
   auto gy = channels_last(grad_y.to(x.scalar_type()));
   const int64_t C = x.size(1), M = x.numel() / C;
-  auto mean = mean_in.to(at::kFloat).contiguous();
+  auto mean = stats[0].to(at::kFloat).contiguous();
   at::Tensor rstd, scale, shift;
-  std::tie(rstd, scale, shift) = affine(weight, bias, mean, var_in.to(at::kFloat), eps, C);
+  std::tie(rstd, scale, shift) = affine(weight, bias, mean, stats[1].to(at::kFloat), eps, C);
   const int64_t splits = splits_for(M), per_split = (M + splits - 1) / splits;
   auto partial = at::empty({2, splits, C}, x.options().dtype(at::kFloat));
   auto gx = empty_nhwc(x.size(0), C, x.size(2), x.size(3), x.options());

@@ -5,8 +5,9 @@
 // CUDA kernels (kernels.cu, channels-last, fp32/fp16/bf16) are registered when built with CUDA.
 // Semantics are those of kernels/depthwise.py and kernels/batchnorm.py:
 //   depthwise_conv(x (N,C,H,W), filt (C,k,k), stride) -> y, "same" padding k/2
-//   batchnorm_act(x, weight, bias, running_mean, running_var, training, eps, act) -> (y, mean, var)
-//     with x's C <= weight's length, act 0 none / 1 relu / 2 h_swish, var biased; running stats untouched
+//   batchnorm_act(x, weight, bias, running_mean, running_var, training, eps, act) -> (y, stats)
+//     with x's C <= weight's length, act 0 none / 1 relu / 2 h_swish, stats (2, C) fp32 = [mean, biased
+//     var] (batch statistics in training, the running ones in eval); running stats untouched
 //   *_backward: gradients; weight/bias gradients are full-sized, zero beyond C.
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -43,34 +44,34 @@ std::tuple<at::Tensor, at::Tensor> depthwise_conv_backward_cpu(const at::Tensor&
   return {std::get<0>(grads), std::get<1>(grads).squeeze(1).to(filt.scalar_type())};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batchnorm_act_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                                 const at::Tensor& bias, const at::Tensor& running_mean,
-                                                                 const at::Tensor& running_var, bool training,
-                                                                 double eps, int64_t act) {
+std::tuple<at::Tensor, at::Tensor> batchnorm_act_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                     const at::Tensor& bias, const at::Tensor& running_mean,
+                                                     const at::Tensor& running_var, bool training, double eps,
+                                                     int64_t act) {
   check_act(act);
   const int64_t c = x.size(1);
   TORCH_CHECK(c <= weight.size(0), "input has ", c, " channels, more than the ", weight.size(0), " of the layer");
-  at::Tensor mean, var;
+  at::Tensor stats;
   if (training) {
     auto vm = at::var_mean(x.to(at::kFloat), {0, 2, 3}, /*correction=*/0);
-    var = std::get<0>(vm);
-    mean = std::get<1>(vm);
+    stats = at::stack({std::get<1>(vm), std::get<0>(vm)});
   } else {
-    mean = running_mean.slice(0, 0, c).to(at::kFloat).clone();
-    var = running_var.slice(0, 0, c).to(at::kFloat).clone();
+    stats = at::stack({running_mean.slice(0, 0, c), running_var.slice(0, 0, c)}).to(at::kFloat);
   }
+  auto mean = stats[0], var = stats[1];
   auto scale = weight.slice(0, 0, c).to(at::kFloat) * at::rsqrt(var + eps);
   auto shift = bias.slice(0, 0, c).to(at::kFloat) - mean * scale;
   auto z = x.to(at::kFloat) * scale.view({1, c, 1, 1}) + shift.view({1, c, 1, 1});
-  return {activate(z, act).to(x.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast), mean, var};
+  return {activate(z, act).to(x.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast), stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batchnorm_act_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-    const at::Tensor& mean, const at::Tensor& var, bool training, double eps, int64_t act) {
+    const at::Tensor& stats, bool training, double eps, int64_t act) {
   check_act(act);
   const int64_t c = x.size(1);
   const double m = static_cast<double>(x.numel() / c);
+  auto mean = stats[0].to(at::kFloat), var = stats[1].to(at::kFloat);
   auto rstd = at::rsqrt(var + eps);
   auto scale = weight.slice(0, 0, c).to(at::kFloat) * rstd;
   auto shift = bias.slice(0, 0, c).to(at::kFloat) - mean * scale;
@@ -95,8 +96,8 @@ TORCH_LIBRARY(engine_cuda, m) {
   m.def("depthwise_conv(Tensor x, Tensor filt, int stride) -> Tensor");
   m.def("depthwise_conv_backward(Tensor grad_y, Tensor x, Tensor filt, int stride) -> (Tensor, Tensor)");
   m.def("batchnorm_act(Tensor x, Tensor weight, Tensor bias, Tensor running_mean, Tensor running_var, "
-        "bool training, float eps, int act) -> (Tensor, Tensor, Tensor)");
-  m.def("batchnorm_act_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor var, "
+        "bool training, float eps, int act) -> (Tensor, Tensor)");
+  m.def("batchnorm_act_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor stats, "
         "bool training, float eps, int act) -> (Tensor, Tensor, Tensor)");
 }
 

@@ -2,14 +2,21 @@
 
 x is (N, C, H, W) with C <= max_features, viewed as (M = N*H*W, C) rows; the affine parameters are
 read as the prefix [:C] of the shared (max_features,) tensors in place.
-Training forward: two reduction passes (mean, then centred sum of squares: no cancellation in
-fp32), then y = act(x * scale + shift) with scale = gamma * rstd, shift = beta - mean * scale.
-The op returns (y, batch mean, biased batch var); the layer updates its running-stat slice in
-place from them (a C-length lerp). Eval: mean/var are the running statistics.
+Training forward: ONE reduction pass reads x for both statistics: each program keeps its rows' mean
+and sum of squared deviations, merging tile after tile with Chan's parallel formula (as accurate as two
+passes: no E[x²] - E[x]² cancellation), and the splits are merged the same way in fp32; then ONE pass
+writes y = act(x * scale + shift), scale = gamma * rstd, shift = beta - mean * scale: x is read twice
+in all (it was three times with a separate pass for the variance).
+The op returns (y, stats): stats (2, C) fp32 = [mean, biased var] (batch statistics in training, the
+running ones in eval). `running_update` folds them into the running-statistic slices in place (one
+tiny kernel: r <- r + momentum * (stat - r), the variance made unbiased, fp32 math whatever the
+buffers' dtype).
 Backward recomputes the pre-activation z from x (x is saved, not z), g = dy * act'(z):
   training: dx = scale * (g - mean(g) - xhat * mean(g * xhat)),  eval: dx = scale * g,
-  dgamma = sum(g * xhat), dbeta = sum(g)  (returned full-sized, zeros beyond C).
-Reductions over M are split across programs into fp32 partials (deterministic).
+  dgamma = sum(g * xhat), dbeta = sum(g)  (returned full-sized, zeros beyond C):
+one pass for both reductions, one pass for dx.
+Reductions over M are split across programs into fp32 partials (deterministic), the split count fixed
+by M (not by the block sizes, which are autotuned: kernels.common.autotune).
 Reference: engine.elastic.batchnorm.batchnorm_reference.
 """
 from __future__ import annotations
@@ -18,11 +25,26 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autocast_input, batchnorm_autograd, empty_nchw_channels_last, rows, splits
+from .common import (autocast_input, autotune, batchnorm_autograd, empty_nchw_channels_last, rows, size_class,
+                     splits)
 
-BLOCK_M, BLOCK_C = 64, 32
 ACT_CODE = {"none": 0, "relu": 1, "h_swish": 2}
-SUM, CENTRED_SQUARES, GRAD_SUMS = 0, 1, 2
+SPLIT_MOMENTS, GRAD_SUMS = 0, 2
+ROWS_PER_SPLIT = 4096
+DEFAULT = ({"BLOCK_M": 64, "BLOCK_C": 32}, 4)
+
+
+def _prune_by_channels(configs, named_args, **kwargs):
+    """Channel blocks no wider than twice the channels (and always the narrowest)."""
+    c = named_args["C"]
+    kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_C"] <= max(32, 2 * triton.next_power_of_2(c))]
+    return kept or configs[:1]
+
+
+_REDUCE_SPACE = [({"BLOCK_M": m, "BLOCK_C": c}, w) for m, c, w in
+                 ((32, 32, 4), (64, 32, 4), (128, 32, 8), (32, 64, 4), (64, 64, 8), (32, 128, 8))]
+_APPLY_SPACE = [({"BLOCK_M": m, "BLOCK_C": c}, w) for m, c, w in
+                ((64, 32, 4), (128, 32, 4), (32, 64, 4), (64, 64, 4), (128, 64, 8), (32, 128, 4), (64, 128, 8))]
 
 
 @triton.jit
@@ -45,17 +67,21 @@ def _activate_grad(z, ACT: tl.constexpr):
     return d
 
 
+@autotune(_REDUCE_SPACE, DEFAULT, key=["M_CLASS", "C"], prune=_prune_by_channels)
 @triton.jit
-def _reduce_kernel(x_ptr, gy_ptr, mean_ptr, scale_ptr, shift_ptr, rstd_ptr, out_ptr, M, C, rows_per_split,
+def _reduce_kernel(x_ptr, gy_ptr, mean_ptr, scale_ptr, shift_ptr, rstd_ptr, out_ptr, M, C, rows_per_split, M_CLASS,
                    MODE: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-channel partial sums over this split's rows; out: (2, splits, C).
-    MODE 0: sum x | 1: sum (x - mean)^2 | 2: sum g and sum g * xhat (g = dy * act'(z))."""
+    """Per-channel partials over this split's rows into out (2, splits, C).
+    MODE 0: the split's mean and sum of squared deviations from it, tile by tile with Chan's merge
+    (one read, as accurate as two passes) | 2: sum g and sum g * xhat (g = dy * act'(z))."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     split, n_splits = tl.program_id(1), tl.num_programs(1)
     cm = c < C
-    if MODE != 0:
+    if MODE == 0:
+        mean_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        m2_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    else:
         mean = tl.load(mean_ptr + c, mask=cm, other=0.0)
-    if MODE == 2:
         scale = tl.load(scale_ptr + c, mask=cm, other=0.0)
         shift = tl.load(shift_ptr + c, mask=cm, other=0.0)
         rstd = tl.load(rstd_ptr + c, mask=cm, other=0.0)
@@ -67,24 +93,31 @@ def _reduce_kernel(x_ptr, gy_ptr, mean_ptr, scale_ptr, shift_ptr, rstd_ptr, out_
         m = m0 + tl.arange(0, BLOCK_M)
         mask = (m < hi)[:, None] & cm[None, :]
         x = tl.load(x_ptr + m[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        if MODE == 0:
-            acc1 += x
-        elif MODE == 1:
-            d = tl.where(mask, x - mean[None, :], 0.0)
-            acc1 += d * d
+        if MODE == 0:   # this tile's mean and squared deviations, merged into the split's (Chan et al.)
+            n_t = tl.minimum(BLOCK_M, hi - m0).to(tl.float32)
+            n_before = (m0 - lo).to(tl.float32)
+            mean_t = tl.sum(x, axis=0) / n_t
+            d = tl.where(mask, x - mean_t[None, :], 0.0)
+            delta = mean_t - mean_acc
+            mean_acc += delta * (n_t / (n_before + n_t))
+            m2_acc += tl.sum(d * d, axis=0) + delta * delta * (n_before * n_t / (n_before + n_t))
         else:
             gy = tl.load(gy_ptr + m[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
             g = gy * _activate_grad(x * scale[None, :] + shift[None, :], ACT)
             acc1 += g
             acc2 += g * (x - mean[None, :]) * rstd[None, :]
-    tl.store(out_ptr + split * C + c, tl.sum(acc1, axis=0), mask=cm)
-    if MODE == 2:
+    if MODE == 0:
+        tl.store(out_ptr + split * C + c, mean_acc, mask=cm)
+        tl.store(out_ptr + (n_splits + split) * C + c, m2_acc, mask=cm)
+    else:
+        tl.store(out_ptr + split * C + c, tl.sum(acc1, axis=0), mask=cm)
         tl.store(out_ptr + (n_splits + split) * C + c, tl.sum(acc2, axis=0), mask=cm)
 
 
+@autotune(_APPLY_SPACE, DEFAULT, key=["M_CLASS", "C"], prune=_prune_by_channels)
 @triton.jit
 def _apply_kernel(x_ptr, gy_ptr, out_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, sum_g_ptr, sum_gx_ptr, M, C,
-                  BACKWARD: tl.constexpr, TRAINING: tl.constexpr, ACT: tl.constexpr,
+                  M_CLASS, BACKWARD: tl.constexpr, TRAINING: tl.constexpr, ACT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """Forward: out = act(x * scale + shift). Backward: out = dx from the sums of the reduce pass."""
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -110,26 +143,49 @@ def _apply_kernel(x_ptr, gy_ptr, out_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_p
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _reduce(mode: int, x2: torch.Tensor, gy2=None, mean=None, scale=None, shift=None, rstd=None, act: int = 0):
+@triton.jit
+def _running_update_kernel(rm_ptr, rv_ptr, stats_ptr, C, momentum, unbias, BLOCK: tl.constexpr):
+    """r[:C] <- r + momentum * (stat - r) for the mean and the (unbiased) variance; fp32 math.
+    Not autotuned: benchmarking would apply the update more than once."""
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cm = c < C
+    mean = tl.load(stats_ptr + c, mask=cm, other=0.0)
+    var = tl.load(stats_ptr + C + c, mask=cm, other=0.0) * unbias
+    rm = tl.load(rm_ptr + c, mask=cm, other=0.0).to(tl.float32)
+    rv = tl.load(rv_ptr + c, mask=cm, other=0.0).to(tl.float32)
+    tl.store(rm_ptr + c, (rm + momentum * (mean - rm)).to(rm_ptr.dtype.element_ty), mask=cm)
+    tl.store(rv_ptr + c, (rv + momentum * (var - rv)).to(rv_ptr.dtype.element_ty), mask=cm)
+
+
+def _reduce(mode: int, x2: torch.Tensor, gy2=None, mean=None, scale=None, shift=None, rstd=None,
+            act: int = 0) -> torch.Tensor:
+    """MODE 0: (2, C) [mean, biased variance] of x2's columns; MODE 2: (2, C) [sum g, sum g * xhat]."""
     m, c = x2.shape
-    split = splits(m, 4 * BLOCK_M * 16)
-    rows_per_split = triton.cdiv(triton.cdiv(m, split), BLOCK_M) * BLOCK_M
+    split = splits(m, ROWS_PER_SPLIT)
+    per_split = triton.cdiv(m, split)
+    split = triton.cdiv(m, per_split)                                   # no empty split
     out = torch.empty((2, split, c), dtype=torch.float32, device=x2.device)
-    _reduce_kernel[(triton.cdiv(c, BLOCK_C), split)](
+    _reduce_kernel[lambda meta: (triton.cdiv(c, meta["BLOCK_C"]), split)](
         x2, gy2 if gy2 is not None else x2, mean if mean is not None else out, scale if scale is not None else out,
-        shift if shift is not None else out, rstd if rstd is not None else out, out, m, c, rows_per_split,
-        MODE=mode, ACT=act, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
-    return out.sum(1)                                                   # (2, C)
+        shift if shift is not None else out, rstd if rstd is not None else out, out, m, c, per_split,
+        size_class(m), MODE=mode, ACT=act)
+    if mode != SPLIT_MOMENTS:
+        return out.sum(1)
+    counts = torch.full((split, 1), float(per_split), device=x2.device)
+    counts[-1] = m - per_split * (split - 1)
+    means, m2 = out[0], out[1]                                           # (splits, C) each
+    mean = (counts * means).sum(0) / m
+    return torch.stack([mean, (m2.sum(0) + (counts * (means - mean) ** 2).sum(0)) / m])
 
 
 def _apply(x2, out2, scale, shift, act, gy2=None, mean=None, rstd=None, sums=None, training=False):
     m, c = x2.shape
     dummy = scale
-    _apply_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(c, BLOCK_C))](
+    _apply_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))](
         x2, gy2 if gy2 is not None else x2, out2, scale, shift, mean if mean is not None else dummy,
         rstd if rstd is not None else dummy, sums[0] if sums is not None else dummy,
-        sums[1] if sums is not None else dummy, m, c,
-        BACKWARD=gy2 is not None, TRAINING=training, ACT=act, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
+        sums[1] if sums is not None else dummy, m, c, size_class(m),
+        BACKWARD=gy2 is not None, TRAINING=training, ACT=act)
 
 
 def _affine(weight, bias, mean, var, eps, c):
@@ -141,34 +197,33 @@ def _affine(weight, bias, mean, var, eps, c):
 @torch.library.custom_op("engine::batchnorm_act", mutates_args=())
 def _batchnorm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
                    running_var: torch.Tensor, training: bool, eps: float,
-                   act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   act: str) -> tuple[torch.Tensor, torch.Tensor]:
     n, c, h, w = x.shape
     x2 = rows(x)
     if training:
-        mean = _reduce(SUM, x2)[0] / x2.shape[0]
-        var = _reduce(CENTRED_SQUARES, x2, mean=mean)[0] / x2.shape[0]
+        stats = _reduce(SPLIT_MOMENTS, x2)                               # one read of x
     else:
-        mean, var = running_mean[:c].float().clone(), running_var[:c].float().clone()
-    _, scale, shift = _affine(weight, bias, mean, var, eps, c)
+        stats = torch.stack([running_mean[:c], running_var[:c]]).float()
+    _, scale, shift = _affine(weight, bias, stats[0], stats[1], eps, c)
     y = empty_nchw_channels_last(n, c, h, w, x)
     _apply(x2, rows(y), scale, shift, ACT_CODE[act])
-    return y, mean, var
+    return y, stats
 
 
 @_batchnorm_act.register_fake
 def _(x, weight, bias, running_mean, running_var, training, eps, act):
     n, c, h, w = x.shape
-    stat = torch.empty(c, dtype=torch.float32, device=x.device)
-    return empty_nchw_channels_last(n, c, h, w, x), stat, stat.clone()
+    return empty_nchw_channels_last(n, c, h, w, x), torch.empty((2, c), dtype=torch.float32, device=x.device)
 
 
 @torch.library.custom_op("engine::batchnorm_act_backward", mutates_args=())
 def _batchnorm_act_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                            mean: torch.Tensor, var: torch.Tensor, training: bool, eps: float,
+                            stats: torch.Tensor, training: bool, eps: float,
                             act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, c, h, w = x.shape
     x2, gy2 = rows(x), rows(grad_y.to(x.dtype))
-    rstd, scale, shift = _affine(weight, bias, mean, var, eps, c)
+    mean = stats[0].contiguous()
+    rstd, scale, shift = _affine(weight, bias, mean, stats[1], eps, c)
     sums = _reduce(GRAD_SUMS, x2, gy2, mean, scale, shift, rstd, ACT_CODE[act])   # (sum g, sum g*xhat)
     grad_x = empty_nchw_channels_last(n, c, h, w, x)
     _apply(x2, rows(grad_x), scale, shift, ACT_CODE[act], gy2, mean, rstd, sums, training)
@@ -178,7 +233,7 @@ def _batchnorm_act_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch
 
 
 @_batchnorm_act_backward.register_fake
-def _(grad_y, x, weight, bias, mean, var, training, eps, act):
+def _(grad_y, x, weight, bias, stats, training, eps, act):
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
 
 
@@ -188,12 +243,31 @@ _batchnorm_act.register_autograd(_backward, setup_context=_setup)
 
 def batchnorm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
                   running_var: torch.Tensor, training: bool, eps: float,
-                  act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sliced BN + activation on x (N, C, H, W) -> (y channels-last, batch mean (C,), biased var (C,)).
-
-    The mean/var outputs carry no gradient (the statistics' gradient flows through y).
-    Running statistics are not modified here.
-    """
+                  act: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sliced BN + activation on x (N, C, H, W) -> (y channels-last, stats (2, C) fp32: mean and biased
+    variance). stats carries no gradient (the statistics' gradient flows through y); running statistics
+    are read in eval and not modified (see `running_update`)."""
     if act not in ACT_CODE:
         raise ValueError(f"unknown activation {act!r}; expected one of {tuple(ACT_CODE)}")
     return _batchnorm_act(autocast_input(x), weight, bias, running_mean, running_var, training, eps, act)
+
+
+@torch.library.custom_op("engine::running_update", mutates_args=("running_mean", "running_var"))
+def _running_update(running_mean: torch.Tensor, running_var: torch.Tensor, stats: torch.Tensor, count: int,
+                    momentum: float) -> None:
+    c = stats.shape[1]
+    block = min(1024, triton.next_power_of_2(c))
+    _running_update_kernel[(triton.cdiv(c, block),)](running_mean, running_var, stats.contiguous(), c, momentum,
+                                                     count / max(count - 1, 1), BLOCK=block)
+
+
+@_running_update.register_fake
+def _(running_mean, running_var, stats, count, momentum):
+    return None
+
+
+def running_update(running_mean: torch.Tensor, running_var: torch.Tensor, stats: torch.Tensor, count: int,
+                   momentum: float) -> None:
+    """Fold batch stats (2, C) (mean, biased var over `count` values) into running_mean[:C] and
+    running_var[:C] in place, as ElasticBatchNorm2d.update_running_stats does, in one kernel."""
+    _running_update(running_mean, running_var, stats, count, momentum)

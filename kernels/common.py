@@ -1,7 +1,12 @@
-"""Helpers shared by the Triton op files: channels-last views, split counts, dot precision."""
+"""Helpers shared by the Triton op files: channels-last views, split counts, dot precision, autotuning."""
 from __future__ import annotations
 
+import inspect
+import os
+from typing import Callable, Sequence
+
 import torch
+import triton
 
 
 def rows(x: torch.Tensor) -> torch.Tensor:
@@ -13,6 +18,29 @@ def rows(x: torch.Tensor) -> torch.Tensor:
 def empty_nchw_channels_last(n: int, c: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
     """An uninitialised (N, C, H, W) tensor in channels-last memory, dtype/device of `like`."""
     return torch.empty((n, h, w, c), dtype=like.dtype, device=like.device).permute(0, 3, 1, 2)
+
+
+def tuning_enabled() -> bool:
+    """Autotuning runs on a GPU unless ENGINE_AUTOTUNE=0; under TRITON_INTERPRET=1 one config runs."""
+    return os.environ.get("TRITON_INTERPRET", "0") != "1" and os.environ.get("ENGINE_AUTOTUNE", "1") != "0"
+
+
+def autotune(space: Sequence[tuple[dict, int]], default: tuple[dict, int], key: Sequence[str],
+             prune: Callable | None = None):
+    """triton.autotune over `space`, [(block sizes, num_warps)], keyed on the argument names `key` (the
+    shape class; tensor dtypes are added by Triton), with an optional early pruning rule
+    prune(configs, named_args, **kwargs) -> configs; the chosen configs are cached on disk where this
+    Triton can. With tuning off (see `tuning_enabled`) only `default` exists: one compile per variant."""
+    pairs = space if tuning_enabled() else [default]
+    configs = [triton.Config(dict(blocks), num_warps=warps) for blocks, warps in pairs]
+    extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(configs, key=list(key), prune_configs_by={"early_config_prune": prune} if prune else None,
+                           **extra)
+
+
+def size_class(n: int) -> int:
+    """The power of two at or above n: the shape class autotuning is keyed on (one tuning per class)."""
+    return triton.next_power_of_2(max(int(n), 1))
 
 
 def splits(rows_total: int, rows_per_program: int, cap: int = 128) -> int:
@@ -53,17 +81,19 @@ def depthwise_autograd(backward_op):
 
 
 def batchnorm_autograd(backward_op):
-    """(backward, setup_context) for a BN op (x, weight, bias, running_mean, running_var, training,
-    eps, act) -> (y, mean, var) whose `backward_op` (grad_y, x, weight, bias, mean, var, training, eps,
-    act) returns (grad_x, grad_weight, grad_bias); the mean/var outputs carry no gradient."""
+    """(backward, setup_context) for a BN op (x, weight, bias, running_mean, running_var, training, eps,
+    act) -> (y, stats (2, C): batch or running mean and biased variance) whose `backward_op` (grad_y, x,
+    weight, bias, stats, training, eps, act) returns (grad_x, grad_weight, grad_bias); `stats` carries
+    no gradient (its gradient is not even materialised). Shared by the Triton and C++ ops."""
     def setup(ctx, inputs, output):
         x, weight, bias, _, _, training, eps, act = inputs
-        ctx.save_for_backward(x, weight, bias, output[1], output[2])
+        ctx.save_for_backward(x, weight, bias, output[1])
         ctx.training, ctx.eps, ctx.act = training, eps, act
+        ctx.set_materialize_grads(False)
 
-    def backward(ctx, grad_y, grad_mean, grad_var):
-        x, weight, bias, mean, var = ctx.saved_tensors
-        grads = backward_op(grad_y, x, weight, bias, mean, var, ctx.training, ctx.eps, ctx.act)
+    def backward(ctx, grad_y, grad_stats):
+        x, weight, bias, stats = ctx.saved_tensors
+        grads = backward_op(grad_y, x, weight, bias, stats, ctx.training, ctx.eps, ctx.act)
         return (*grads, None, None, None, None, None)
 
     return backward, setup

@@ -141,13 +141,15 @@ def test_batchnorm_act(act, training, n, c, h, w, max_c):
     bias = torch.randn(max_c, device=DEVICE, requires_grad=True)
     rm, rv = torch.randn(max_c, device=DEVICE), torch.rand(max_c, device=DEVICE) + 0.5
     x = (torch.randn(n, c, h, w, device=DEVICE) * 2 + 1).to(memory_format=torch.channels_last).requires_grad_()
-    y, mean, var = kbn.batchnorm_act(x, weight, bias, rm, rv, training, 1e-5, act)
+    y, stats = kbn.batchnorm_act(x, weight, bias, rm, rv, training, 1e-5, act)
     rm_ref, rv_ref = rm.clone(), rv.clone()
     ref = batchnorm_reference(x, weight, bias, rm_ref, rv_ref, training, 0.1, 1e-5, act)
     assert rel_err(y, ref) < RTOL
     if training:
-        assert rel_err(mean, x.detach().mean((0, 2, 3))) < RTOL
-        assert rel_err(var, x.detach().var((0, 2, 3), unbiased=False)) < RTOL
+        assert rel_err(stats[0], x.detach().mean((0, 2, 3))) < RTOL
+        assert rel_err(stats[1], x.detach().var((0, 2, 3), unbiased=False)) < RTOL
+        kbn.running_update(rm, rv, stats, x.numel() // c, 0.1)          # the running slices, as the reference
+        assert rel_err(rm, rm_ref) < RTOL and rel_err(rv, rv_ref) < RTOL
     dy = torch.randn_like(ref)
     for got, want in zip(_grads(y, (x, weight, bias), dy), _grads(ref, (x, weight, bias), dy)):
         assert rel_err(got, want) < RTOL
@@ -188,6 +190,7 @@ def test_ops_pass_opcheck():
     g, b = torch.randn(8, device=DEVICE, requires_grad=True), torch.randn(8, device=DEVICE, requires_grad=True)
     rm, rv = torch.zeros(8, device=DEVICE), torch.ones(8, device=DEVICE)
     torch.library.opcheck(kbn._batchnorm_act, (x, g, b, rm, rv, True, 1e-5, "h_swish"))
+    torch.library.opcheck(kbn._running_update, (rm, rv, torch.rand(2, 6, device=DEVICE), 40, 0.1))
     table = _table([[5, 3], [2, 1]])
     torch.library.opcheck(kpw._grouped_pointwise_conv, (x, w, table, 6))
     f7 = torch.randn(6, 7, 7, device=DEVICE, requires_grad=True)

@@ -2,9 +2,11 @@
 
 The interpreter (TRITON_INTERPRET=1, how the numerics are tested on CPU) accepts programs the real
 compiler rejects, and no GPU is needed to compile: the ops run once in the interpreter while their
-launches (argument types and compile-time constants) are recorded, then a subprocess without the
-interpreter compiles each distinct launch with triton.compile: fp32 for sm_90, and the fp16 launches
-as bf16 (the interpreter has no bf16; the kernels treat both alike) for sm_90 and sm_80.
+launches (argument types and compile-time constants, with the default autotuning config that the
+interpreter runs) are recorded, then a subprocess without the interpreter compiles each distinct
+launch with triton.compile: fp32 for sm_90, and the fp16 launches as bf16 (the interpreter has no
+bf16; the kernels treat both alike) for sm_90 and sm_80. There, autotuning is on, so each autotuned
+kernel also compiles every config of its space (for its first recorded launch, sm_90).
 Each cubin's per-thread stack (register spills) is read with Triton's bundled cuobjdump and bounded.
 On a machine with a GPU the GPU tests compile and run the kernels themselves, so this is skipped.
 """
@@ -32,20 +34,29 @@ def _arg_type(value) -> str:
     return "fp32"
 
 
+def _jit(kernel):
+    """The JITFunction under a kernel (an autotuner wraps it)."""
+    while not hasattr(kernel, "arg_names") or hasattr(kernel, "configs"):
+        kernel = kernel.fn
+    return kernel
+
+
 class _Recorder:
     """Stands in for an interpreted kernel's `run`: notes the launch, then runs it."""
 
     def __init__(self, module: str, name: str, kernel, launches: list) -> None:
         self.module, self.name, self.kernel, self.launches = module, name, kernel, launches
-        self.params = inspect.signature(kernel.fn).parameters
+        self.params = inspect.signature(_jit(kernel).fn).parameters
+        self.tuned = dict(kernel.configs[0].all_kwargs()) if hasattr(kernel, "configs") else {}
         self.run = kernel.run
 
     def __call__(self, *args, **kwargs):
-        bound = dict(zip(self.params, args), **{k: v for k, v in kwargs.items() if k in self.params})
+        given = {**self.tuned, **kwargs}           # the one config the interpreter runs supplies the blocks
+        bound = dict(zip(self.params, args), **{k: v for k, v in given.items() if k in self.params})
         constexprs = {k: v for k, v in bound.items() if "constexpr" in str(self.params[k].annotation)}
         signature = {k: "constexpr" if k in constexprs else _arg_type(v) for k, v in bound.items()}
         self.launches.append({"module": self.module, "kernel": self.name, "signature": signature,
-                              "constexprs": constexprs})
+                              "constexprs": constexprs, "num_warps": given.get("num_warps", 4)})
         return self.run(*args, **kwargs)
 
 
@@ -91,6 +102,7 @@ def _exercise(kpw, kdw, kbn, dtype: torch.dtype) -> None:
     for act in kbn.ACT_CODE:
         for training in (True, False):
             back(kbn.batchnorm_act(chw(2, 8, 3, 3), g, b, torch.zeros(8), torch.ones(8), training, 1e-5, act)[0])
+    kbn.running_update(torch.zeros(8, dtype=dtype), torch.ones(8, dtype=dtype), torch.rand(2, 6), 18, 0.1)
 
 
 def _compile(launches: list[dict]) -> list[dict]:
@@ -110,11 +122,12 @@ def test_every_kernel_variant_compiles_for_sm90_and_sm80():
             "_reduce_kernel", "_apply_kernel"} <= kernels
     results = _compile(launches)
     failures = [r for r in results if r["error"]]
-    assert not failures, "\n".join(f"{r['kernel']} {r['target']}: {r['error']}" for r in failures)
+    assert not failures, "\n".join(f"{r['kernel']} {r['target']} {r['config']}: {r['error']}" for r in failures)
     # spilling registers to the stack: the fully unrolled 7x7 depthwise taps once took 255 registers
     # and 1.2 KB of stack per thread on sm_90
     spills = [r for r in results if (r["stack_bytes"] or 0) > MAX_STACK_BYTES]
-    assert not spills, "\n".join(f"{r['kernel']} {r['target']}: {r['stack_bytes']} B stack" for r in spills)
+    assert not spills, "\n".join(f"{r['kernel']} {r['target']} {r['config']}: {r['stack_bytes']} B stack"
+                                  for r in spills)
 
 
 def _compile_one(job: tuple[dict, str, int]) -> dict:
@@ -125,12 +138,13 @@ def _compile_one(job: tuple[dict, str, int]) -> dict:
     from triton.compiler import ASTSource
 
     launch, dtype, arch = job
-    kernel = getattr(importlib.import_module(launch["module"]), launch["kernel"])
+    kernel = _jit(getattr(importlib.import_module(launch["module"]), launch["kernel"]))
     signature = {k: t.replace("fp16", dtype) for k, t in launch["signature"].items()}
-    entry = {"kernel": launch["kernel"], "target": f"sm_{arch} {dtype}", "error": None}
+    entry = {"kernel": launch["kernel"], "target": f"sm_{arch} {dtype}", "error": None,
+             "config": {k: launch["constexprs"][k] for k in launch.get("tuned", ())}}
     try:
         compiled = triton.compile(ASTSource(kernel, signature, constexprs=launch["constexprs"]),
-                                  target=GPUTarget("cuda", arch, 32))
+                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": launch["num_warps"]})
         entry["stack_bytes"] = _stack_bytes(compiled.asm["cubin"])
     except Exception as exc:  # noqa: BLE001 - reported per launch by the test
         entry["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
@@ -158,11 +172,20 @@ def _stack_bytes(cubin: bytes) -> int | None:
 def _compile_main() -> None:
     from concurrent.futures import ProcessPoolExecutor
 
-    jobs = []
+    import importlib
+
+    jobs, spaced = [], set()
     for launch in json.load(sys.stdin):
         half = any(t == "*fp16" for t in launch["signature"].values())
         dtype = "bf16" if half else "fp32"
         jobs += [(launch, dtype, arch) for arch in TARGETS[dtype]]
+        kernel = getattr(importlib.import_module(launch["module"]), launch["kernel"])
+        if hasattr(kernel, "configs") and launch["kernel"] not in spaced:   # autotuned: its whole space, once
+            spaced.add(launch["kernel"])
+            for config in kernel.configs:
+                tuned = dict(config.kwargs)
+                jobs.append(({**launch, "constexprs": {**launch["constexprs"], **tuned}, "tuned": list(tuned),
+                              "num_warps": config.num_warps}, dtype, 90))
     with ProcessPoolExecutor(os.cpu_count()) as pool:
         json.dump(list(pool.map(_compile_one, jobs)), sys.stdout)
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from engine.elastic import backend
 from engine.elastic.activations import ACTIVATIONS, Activation, apply_activation
-from engine.elastic.utils import check_channels
+from engine.elastic.utils import check_channels, prefix
 
 
 def batchnorm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
@@ -22,12 +22,14 @@ def batchnorm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     in place: r <- (1 - momentum) r + momentum * stat (unbiased variance), as nn.BatchNorm2d does.
     """
     c = x.shape[1]
-    y = F.batch_norm(x, running_mean[:c], running_var[:c], weight[:c], bias[:c], training, momentum, eps)
+    y = F.batch_norm(x, prefix(running_mean, c), prefix(running_var, c), prefix(weight, c), prefix(bias, c),
+                     training, momentum, eps)
     return apply_activation(y, act)
 
 
 def fused_batchnorm_op(choice: str) -> Callable:
-    """The fused `batchnorm_act` op of backend `choice` ("triton" or "cuda"); same signature for both."""
+    """The fused `batchnorm_act` op of backend `choice` ("triton" or "cuda"); same signature for both:
+    (x, weight, bias, running_mean, running_var, training, eps, act) -> (y, stats (2, C) [mean, biased var])."""
     if choice == "triton":
         from engine.kernels.batchnorm import batchnorm_act
     else:
@@ -95,10 +97,12 @@ class ElasticBatchNorm2d(nn.Module):
         c = check_channels("features", x.shape[1], self.max_features)
         choice = backend.choose("batchnorm_act", x, {"triton": lambda: None, "cuda": lambda: None})
         if choice != "torch":
-            y, mean, var = fused_batchnorm_op(choice)(x, self.weight, self.bias, self.running_mean, self.running_var,
-                                         self.training, self.eps, self.act)
+            y, stats = fused_batchnorm_op(choice)(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                                  self.training, self.eps, self.act)
             if self.training:
-                self.update_running_stats(mean, var, x.numel() // c)
+                from engine.kernels.batchnorm import running_update
+
+                running_update(self.running_mean, self.running_var, stats, x.numel() // c, self.momentum)
             return y
         return batchnorm_reference(x, self.weight, self.bias, self.running_mean, self.running_var,
                                    self.training, self.momentum, self.eps, self.act)

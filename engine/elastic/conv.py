@@ -8,7 +8,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from engine.elastic import backend
-from engine.elastic.utils import check_channels
+from engine.elastic.utils import check_channels, prefix
 
 
 def conv2d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -17,10 +17,9 @@ def conv2d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
     x: (N, in, H, W); weight: (max_out, max_in, k, k); returns (N, out, ceil(H/stride), ceil(W/stride)).
     """
-    in_channels = x.shape[1]
     k = weight.shape[-1]
-    b = None if bias is None else bias[:out_channels]
-    return F.conv2d(x, weight[:out_channels, :in_channels], b, stride, k // 2)
+    b = None if bias is None else prefix(bias, out_channels)
+    return F.conv2d(x, prefix(prefix(weight, out_channels), x.shape[1], 1), b, stride, k // 2)
 
 
 class ElasticConv2d(nn.Module):

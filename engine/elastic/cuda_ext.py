@@ -71,11 +71,10 @@ def _register() -> None:
 
     @torch.library.register_fake(lib + "batchnorm_act")
     def _(x, weight, bias, running_mean, running_var, training, eps, act):
-        stat = torch.empty(x.shape[1], dtype=torch.float32, device=x.device)
-        return _nhwc_like(x, *x.shape[1:]), stat, stat.clone()
+        return _nhwc_like(x, *x.shape[1:]), torch.empty((2, x.shape[1]), dtype=torch.float32, device=x.device)
 
     @torch.library.register_fake(lib + "batchnorm_act_backward")
-    def _(grad_y, x, weight, bias, mean, var, training, eps, act):
+    def _(grad_y, x, weight, bias, stats, training, eps, act):
         return _nhwc_like(x, *x.shape[1:]), torch.empty_like(weight), torch.empty_like(bias)
 
     from engine.kernels.common import batchnorm_autograd, depthwise_autograd
@@ -97,8 +96,8 @@ def depthwise_conv(x: torch.Tensor, filt: torch.Tensor, stride: int) -> torch.Te
 
 def batchnorm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
                   running_var: torch.Tensor, training: bool, eps: float,
-                  act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sliced BN + activation: (y channels-last, batch mean (C,), biased var (C,)); see kernels/batchnorm.py."""
+                  act: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sliced BN + activation: (y channels-last, stats (2, C): mean and biased var); see kernels/batchnorm.py."""
     from engine.kernels.common import autocast_input
 
     if act not in ACT_CODE:

@@ -116,5 +116,5 @@ def grouped_batchnorm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     if choice == "torch":
         y, mean, var = grouped_batchnorm_reference(x, gamma, beta, eps, act)
     else:   # training mode: the op ignores its running-statistics arguments, any (G*C,) tensors do
-        y, mean, var = fused_batchnorm_op(choice)(x, gamma, beta, gamma.detach(), gamma.detach(), True, eps, act)
+        y, (mean, var) = fused_batchnorm_op(choice)(x, gamma, beta, gamma.detach(), gamma.detach(), True, eps, act)
     return y, mean.view(groups, channels), var.view(groups, channels)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from engine.elastic.utils import check_channels
+from engine.elastic.utils import check_channels, prefix
 
 
 class ElasticLinear(nn.Module):
@@ -31,8 +31,8 @@ class ElasticLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_features = check_channels("in_features", x.shape[-1], self.max_in)
         out = self.active_out_features
-        bias = None if self.bias is None else self.bias[:out]
-        return F.linear(x, self.weight[:out, :in_features], bias)
+        bias = None if self.bias is None else prefix(self.bias, out)
+        return F.linear(x, prefix(prefix(self.weight, out), in_features, 1), bias)
 
     def export(self, in_features: int) -> nn.Linear:
         """A plain nn.Linear holding a copy of the active slice."""

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from engine.elastic.activations import hard_sigmoid
 from engine.elastic.linear import ElasticLinear
-from engine.elastic.utils import check_channels, make_divisible
+from engine.elastic.utils import check_channels, make_divisible, prefix
 
 REDUCTION = 4
 
@@ -52,8 +52,15 @@ class ElasticSE(nn.Module):
         self.expand.set_active(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._set_widths(x.shape[1])
-        return excite(x, self.reduce, self.expand)
+        c = check_channels("channels", x.shape[1], self.max_channels)
+        mid = se_mid_channels(c)
+        r, e = self.reduce, self.expand
+        # the two linears as 1x1 convs on the pooled (N, C, 1, 1) map: one op forward, one backward
+        # each (F.linear is a transpose and an addmm, and five ops backward), and the gate broadcasts
+        y = x.mean((2, 3), keepdim=True)                                                    # (N, C, 1, 1)
+        y = F.relu(F.conv2d(y, prefix(prefix(r.weight, mid), c, 1).view(mid, c, 1, 1), prefix(r.bias, mid)))
+        y = hard_sigmoid(F.conv2d(y, prefix(prefix(e.weight, c), mid, 1).view(c, mid, 1, 1), prefix(e.bias, c)))
+        return x * y
 
     def export(self, channels: int) -> SqueezeExcite:
         """A plain SqueezeExcite holding copies of the active slices."""
