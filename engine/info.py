@@ -1,4 +1,5 @@
-"""`python -m engine.info`: versions, device and which backends are available (paste into bug reports)."""
+"""`python -m engine.info`: versions, device, which backends are available and the measured backend
+choices cached for this device (paste into bug reports)."""
 from __future__ import annotations
 
 import platform
@@ -22,6 +23,14 @@ def report() -> str:
     for name in backend.BACKENDS:
         ok, why = backend.availability(name)
         lines.append(f"  {name:7s} {'available' if ok else 'unavailable'}: {why}")
+    from engine.elastic.dispatch import DISPATCHER
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    entries = DISPATCHER.entries(device)
+    lines.append(f"measured choices ({len(entries)}, {DISPATCHER.path(DISPATCHER.device_name(device))}):")
+    for key, entry in sorted(entries.items()):
+        timings = ", ".join(f"{k} {v:.4f}" for k, v in sorted(entry.get("ms", {}).items()))
+        lines.append(f"  {key}: {entry['choice']}  (ms: {timings})")
     return "\n".join(lines)
 
 

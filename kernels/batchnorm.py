@@ -25,20 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (autocast_input, autotune, batchnorm_autograd, empty_nchw_channels_last, rows, size_class,
-                     splits)
+from .common import (autocast_input, autotune, batchnorm_autograd, empty_nchw_channels_last, prune_blocks, rows,
+                     size_class, splits)
 
 ACT_CODE = {"none": 0, "relu": 1, "h_swish": 2}
 SPLIT_MOMENTS, GRAD_SUMS = 0, 2
 ROWS_PER_SPLIT = 4096
 DEFAULT = ({"BLOCK_M": 64, "BLOCK_C": 32}, 4)
-
-
-def _prune_by_channels(configs, named_args, **kwargs):
-    """Channel blocks no wider than twice the channels (and always the narrowest)."""
-    c = named_args["C"]
-    kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_C"] <= max(32, 2 * triton.next_power_of_2(c))]
-    return kept or configs[:1]
 
 
 _REDUCE_SPACE = [({"BLOCK_M": m, "BLOCK_C": c}, w) for m, c, w in
@@ -67,7 +60,7 @@ def _activate_grad(z, ACT: tl.constexpr):
     return d
 
 
-@autotune(_REDUCE_SPACE, DEFAULT, key=["M_CLASS", "C"], prune=_prune_by_channels)
+@autotune(_REDUCE_SPACE, DEFAULT, key=["M_CLASS", "C"], prune=prune_blocks({"BLOCK_C": "C"}))
 @triton.jit
 def _reduce_kernel(x_ptr, gy_ptr, mean_ptr, scale_ptr, shift_ptr, rstd_ptr, out_ptr, M, C, rows_per_split, M_CLASS,
                    MODE: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -114,7 +107,7 @@ def _reduce_kernel(x_ptr, gy_ptr, mean_ptr, scale_ptr, shift_ptr, rstd_ptr, out_
         tl.store(out_ptr + (n_splits + split) * C + c, tl.sum(acc2, axis=0), mask=cm)
 
 
-@autotune(_APPLY_SPACE, DEFAULT, key=["M_CLASS", "C"], prune=_prune_by_channels)
+@autotune(_APPLY_SPACE, DEFAULT, key=["M_CLASS", "C"], prune=prune_blocks({"BLOCK_C": "C"}))
 @triton.jit
 def _apply_kernel(x_ptr, gy_ptr, out_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, sum_g_ptr, sum_gx_ptr, M, C,
                   M_CLASS, BACKWARD: tl.constexpr, TRAINING: tl.constexpr, ACT: tl.constexpr,

@@ -25,14 +25,14 @@ def tuning_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") != "1" and os.environ.get("ENGINE_AUTOTUNE", "1") != "0"
 
 
-def autotune(space: Sequence[tuple[dict, int]], default: tuple[dict, int], key: Sequence[str],
-             prune: Callable | None = None):
-    """triton.autotune over `space`, [(block sizes, num_warps)], keyed on the argument names `key` (the
-    shape class; tensor dtypes are added by Triton), with an optional early pruning rule
-    prune(configs, named_args, **kwargs) -> configs; the chosen configs are cached on disk where this
-    Triton can. With tuning off (see `tuning_enabled`) only `default` exists: one compile per variant."""
-    pairs = space if tuning_enabled() else [default]
-    configs = [triton.Config(dict(blocks), num_warps=warps) for blocks, warps in pairs]
+def autotune(space: Sequence[tuple], default: tuple, key: Sequence[str], prune: Callable | None = None):
+    """triton.autotune over `space`, [(block sizes, num_warps[, num_stages])], keyed on the argument
+    names `key` (the shape class; tensor dtypes are added by Triton), with an optional early pruning
+    rule prune(configs, named_args, **kwargs) -> configs; the chosen configs are cached on disk where
+    this Triton can. With tuning off (see `tuning_enabled`) only `default` exists: one compile per
+    variant."""
+    entries = space if tuning_enabled() else [default]
+    configs = [triton.Config(dict(e[0]), num_warps=e[1], num_stages=e[2] if len(e) > 2 else 3) for e in entries]
     extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
     return triton.autotune(configs, key=list(key), prune_configs_by={"early_config_prune": prune} if prune else None,
                            **extra)
@@ -97,3 +97,15 @@ def batchnorm_autograd(backward_op):
         return (*grads, None, None, None, None, None)
 
     return backward, setup
+
+
+def prune_blocks(limits: dict[str, str]) -> Callable:
+    """An early pruning rule: drop configs whose block `BLOCK_X` exceeds twice the next power of two of
+    the launch argument limits["BLOCK_X"] (a tile mostly past the edge); the first config always stays."""
+    def prune(configs, named_args, **kwargs):
+        kept = [cfg for cfg in configs if all(
+            cfg.kwargs[block] <= max(16, 2 * triton.next_power_of_2(int(named_args[arg])))
+            for block, arg in limits.items() if block in cfg.kwargs)]
+        return kept or configs[:1]
+
+    return prune

@@ -23,9 +23,13 @@ import triton.language as tl
 
 from engine.elastic.utils import check_depthwise_filter
 
-from .common import autocast_input, depthwise_autograd, empty_nchw_channels_last, rows, splits
+from .common import (autocast_input, autotune, depthwise_autograd, empty_nchw_channels_last, prune_blocks, rows,
+                     size_class, splits)
 
-BLOCK_P, BLOCK_C = 32, 32
+DEFAULT = ({"BLOCK_P": 32, "BLOCK_C": 32}, 4)
+_SPACE = [({"BLOCK_P": p, "BLOCK_C": c}, w) for p, c, w in
+          ((32, 32, 4), (64, 32, 4), (16, 64, 4), (32, 64, 4), (64, 64, 8), (128, 32, 8), (16, 128, 4))]
+_TUNE = dict(key=["P_CLASS", "CG", "K"], prune=prune_blocks({"BLOCK_C": "CG"}))
 
 
 @triton.jit
@@ -49,8 +53,9 @@ def _group(lim_ptr, CG, K: tl.constexpr, BLOCK_C: tl.constexpr, GROUPED: tl.cons
     return k, (K - k) // 2, live, g * CG + cl, cl < width, cl < CG
 
 
+@autotune(_SPACE, DEFAULT, **_TUNE)
 @triton.jit
-def _dw_forward_kernel(x_ptr, f_ptr, y_ptr, lim_ptr, N, H, W, CG, CT, OH, OW, s_fc, s_fh, s_fw,
+def _dw_forward_kernel(x_ptr, f_ptr, y_ptr, lim_ptr, N, H, W, CG, CT, OH, OW, s_fc, s_fh, s_fw, P_CLASS,
                        K: tl.constexpr, STRIDE: tl.constexpr, GROUPED: tl.constexpr,
                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)        # output pixel index in N*OH*OW
@@ -71,8 +76,9 @@ def _dw_forward_kernel(x_ptr, f_ptr, y_ptr, lim_ptr, N, H, W, CG, CT, OH, OW, s_
     tl.store(y_ptr + p[:, None] * CT + c[None, :], acc.to(y_ptr.dtype.element_ty), mask=pm[:, None] & cs[None, :])
 
 
+@autotune(_SPACE, DEFAULT, **_TUNE)
 @triton.jit
-def _dw_grad_input_kernel(gy_ptr, f_ptr, gx_ptr, lim_ptr, N, H, W, CG, CT, OH, OW, s_fc, s_fh, s_fw,
+def _dw_grad_input_kernel(gy_ptr, f_ptr, gx_ptr, lim_ptr, N, H, W, CG, CT, OH, OW, s_fc, s_fh, s_fw, P_CLASS,
                           K: tl.constexpr, STRIDE: tl.constexpr, GROUPED: tl.constexpr,
                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)        # input pixel index in N*H*W
@@ -98,8 +104,9 @@ def _dw_grad_input_kernel(gy_ptr, f_ptr, gx_ptr, lim_ptr, N, H, W, CG, CT, OH, O
     tl.store(gx_ptr + p[:, None] * CT + c[None, :], acc.to(gx_ptr.dtype.element_ty), mask=pm[:, None] & cs[None, :])
 
 
+@autotune(_SPACE, DEFAULT, **_TUNE)
 @triton.jit
-def _dw_grad_filter_kernel(x_ptr, gy_ptr, part_ptr, lim_ptr, N, H, W, CG, CT, OH, OW, p_per_split,
+def _dw_grad_filter_kernel(x_ptr, gy_ptr, part_ptr, lim_ptr, N, H, W, CG, CT, OH, OW, p_per_split, P_CLASS,
                            K: tl.constexpr, STRIDE: tl.constexpr, GROUPED: tl.constexpr, BLOCK_T: tl.constexpr,
                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """partial[split, tap, c] over this split's output pixels; taps outside a group's window and
@@ -140,24 +147,27 @@ def _launch(x, filt, stride, out, grad_y=None, limits=None):
     k = filt.shape[-1]
     groups = 1 if limits is None else limits.shape[0]
     cg = ct // groups
-    cblocks = triton.cdiv(cg, BLOCK_C)
     lim = limits if limits is not None else filt
-    common = dict(K=k, STRIDE=stride, GROUPED=limits is not None, BLOCK_C=BLOCK_C)
+    common = dict(K=k, STRIDE=stride, GROUPED=limits is not None)
+
+    def grid(pixels):
+        return lambda meta: (triton.cdiv(pixels, meta["BLOCK_P"]), triton.cdiv(cg, meta["BLOCK_C"]), groups)
+
     if grad_y is None:
         oh, ow = out.shape[-2:]
-        _dw_forward_kernel[(triton.cdiv(n * oh * ow, BLOCK_P), cblocks, groups)](
-            rows(x), filt, rows(out), lim, n, h, w, cg, ct, oh, ow, *filt.stride(), BLOCK_P=BLOCK_P, **common)
+        _dw_forward_kernel[grid(n * oh * ow)](rows(x), filt, rows(out), lim, n, h, w, cg, ct, oh, ow, *filt.stride(),
+                                              size_class(n * oh * ow), **common)
         return None
     oh, ow = grad_y.shape[-2:]
     gy, x2 = rows(grad_y.to(x.dtype)), rows(x)
-    _dw_grad_input_kernel[(triton.cdiv(n * h * w, BLOCK_P), cblocks, groups)](
-        gy, filt, rows(out), lim, n, h, w, cg, ct, oh, ow, *filt.stride(), BLOCK_P=BLOCK_P, **common)
+    _dw_grad_input_kernel[grid(n * h * w)](gy, filt, rows(out), lim, n, h, w, cg, ct, oh, ow, *filt.stride(),
+                                           size_class(n * h * w), **common)
     split = splits(n * oh * ow, 2048)
-    p_per_split = triton.cdiv(triton.cdiv(n * oh * ow, split), BLOCK_P) * BLOCK_P
+    p_per_split = triton.cdiv(n * oh * ow, split)
     partial = torch.empty((split, k * k, ct), dtype=torch.float32, device=x.device)
-    _dw_grad_filter_kernel[(split, cblocks, groups)](
-        x2, gy, partial, lim, n, h, w, cg, ct, oh, ow, p_per_split,
-        BLOCK_T=triton.next_power_of_2(k * k), BLOCK_P=BLOCK_P, **common)
+    _dw_grad_filter_kernel[lambda meta: (split, triton.cdiv(cg, meta["BLOCK_C"]), groups)](
+        x2, gy, partial, lim, n, h, w, cg, ct, oh, ow, p_per_split, size_class(n * oh * ow),
+        BLOCK_T=triton.next_power_of_2(k * k), **common)
     return partial.sum(0)
 
 

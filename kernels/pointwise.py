@@ -12,7 +12,9 @@ group g computing y_g[:, :o_g] = x_g[:, :i_g] @ W[:o_g, :i_g]^T with its own wid
 (G, 2) int32 table on the device; tiles beyond a group's widths write zeros without a K loop. The
 same kernel serves both forms (one group, full widths: the plain GEMM).
 Limits: 1x1 kernels, stride 1, groups 1 (ElasticConv2d falls back to the reference otherwise).
-Blocks 64x64x32: a safe default for every shape; GPU tuning is pending a GPU measurement.
+Blocks: autotuned per shape class (kernels.common.autotune; default 64x64x32, the one config the
+interpreter runs), pruned to tiles no larger than twice each dimension; the split-K chunk of the
+weight gradient is derived in the kernel from BLOCK_K, so the host's split count is config-free.
 Reference: engine.elastic.conv.conv2d_reference.
 """
 from __future__ import annotations
@@ -23,9 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autocast_input, dot_precision, empty_nchw_channels_last, rows, splits
+from .common import autocast_input, autotune, dot_precision, empty_nchw_channels_last, prune_blocks, rows, size_class, splits
 
-BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
+_SPACE = [({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, w, st) for m, n, k, w, st in (
+    (64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3), (32, 64, 32, 4, 4),
+    (64, 32, 32, 4, 4), (128, 32, 64, 4, 3), (32, 32, 64, 4, 4))]
+DEFAULT = ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 4, 3)
 
 
 @triton.jit
@@ -36,9 +41,11 @@ def _limit(lim_ptr, g, full, SRC: tl.constexpr):
     return full
 
 
+@autotune(_SPACE, DEFAULT, key=["M_CLASS", "N_CLASS", "K_CLASS"],
+          prune=prune_blocks({"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_K": "K"}))
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, lim_ptr, M, N, K,
-                   s_am, s_ak, s_bk, s_bn, s_cs, s_cm, s_cn, a_goff, b_goff, c_goff, k_per_split, n_splits,
+                   s_am, s_ak, s_bk, s_bn, s_cs, s_cm, s_cn, a_goff, b_goff, c_goff, n_splits, M_CLASS, N_CLASS, K_CLASS,
                    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                    M_SRC: tl.constexpr, N_SRC: tl.constexpr, K_SRC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -55,6 +62,7 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, lim_ptr, M, N, K,
     b_ptr += g * b_goff
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_per_split = tl.cdiv(tl.cdiv(K, n_splits), BLOCK_K) * BLOCK_K
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, k_lim)
     k_hi = tl.where((pid_m * BLOCK_M < m_lim) & (pid_n * BLOCK_N < n_lim), k_hi, k_lo)   # tile beyond: zeros
@@ -85,15 +93,13 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias: Optional[
     (m, k), n = a.shape, b.shape[1]
     out3 = out if out.dim() == 3 else out.unsqueeze(0)
     groups = 1 if limits is None else limits.shape[0]
-    k_per_split = triton.cdiv(triton.cdiv(k, split), BLOCK_K) * BLOCK_K
-    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N), groups * split)
     s_cs = out3.stride(0) if out.dim() == 3 else 0
-    _matmul_kernel[grid](a, b, out3, bias if bias is not None else a, limits if limits is not None else a,
-                         m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                         s_cs, out3.stride(1), out3.stride(2), *group_offsets, k_per_split, split,
-                         HAS_BIAS=bias is not None, PRECISION=dot_precision(a.dtype),
-                         M_SRC=sources[0], N_SRC=sources[1], K_SRC=sources[2],
-                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    _matmul_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), groups * split)](
+        a, b, out3, bias if bias is not None else a, limits if limits is not None else a,
+        m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        s_cs, out3.stride(1), out3.stride(2), *group_offsets, split, size_class(m), size_class(n), size_class(k),
+        HAS_BIAS=bias is not None, PRECISION=dot_precision(a.dtype),
+        M_SRC=sources[0], N_SRC=sources[1], K_SRC=sources[2])
     return out
 
 

@@ -1,12 +1,16 @@
 """The one place that chooses how elastic layers compute: "torch" (reference), "triton" or "cuda".
 
 Selection: `set_backend(name)` or the environment variable ENGINE_BACKEND, with
-name in {"auto", "torch", "triton", "cuda"}. "auto" (the default) picks, per call, the first of
-triton -> cuda -> torch that is available and covers the inputs; Triton and CUDA only serve CUDA
-tensors, except that Triton also serves CPU tensors under TRITON_INTERPRET=1 when asked for by name
-(that is how CI tests the kernels). An explicitly requested backend that is not installed raises;
-one that does not cover a particular input (a shape, a device) falls back to "torch" and logs
-that once per (op, reason).
+name in {"auto", "torch", "triton", "cuda"}. "auto" (the default) is measured: among the reference
+and every kernel that is available and covers the call, the fastest on this device for the call's
+signature (engine/elastic/dispatch.py: timed once, cached in memory and in a per-device JSON file);
+before a measurement exists, and on CPU, the reference. Triton and CUDA only serve CUDA tensors,
+except that Triton also serves CPU tensors under TRITON_INTERPRET=1 (how CI tests the kernels) when
+asked for by name, or for measurement with an injected timer. An explicitly requested backend that
+is not installed raises; one that does not cover a particular input (a shape, a device) falls back
+to "torch" and logs that once per (op, reason).
+Layers keep each call's choice in a small per-layer memo (`remember`), so the decision is made once
+per (input shape, active setting), not per call.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ BACKENDS = ("torch", "triton", "cuda")
 _CHOICES = ("auto",) + BACKENDS
 _requested: str | None = None  # None: read ENGINE_BACKEND on first use
 _warned: set[tuple[str, str]] = set()
+_generation = 0               # bumped when the backend or the timer changes: per-layer memos expire
 
 
 def triton_interpret() -> bool:
@@ -59,14 +64,15 @@ def _version(pkg: str) -> str:
 
 def set_backend(name: str) -> None:
     """Select the backend for all elastic layers ("auto", "torch", "triton", "cuda")."""
-    global _requested
+    global _requested, _generation
     if name not in _CHOICES:
         raise ValueError(f"unknown backend {name!r}; expected one of {_CHOICES}")
     if name != "auto":
         ok, why = availability(name)
         if not ok:
             raise RuntimeError(f"backend {name!r} is not available: {why}")
-    _requested = name
+    if name != _requested:
+        _requested, _generation = name, _generation + 1
 
 
 def get_backend() -> str:
@@ -99,33 +105,88 @@ def _note_fallback(op: str, backend: str, reason: str) -> None:
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def choose(op: str, x: torch.Tensor, limits: dict[str, Callable[[], str | None]]) -> str:
+def set_timer(timer: Callable | None, devices: tuple[str, ...] = ("cuda",)) -> None:
+    """Measure "auto" choices with `timer(backend, run, device) -> ms` on `devices` (tests inject a
+    deterministic timer on "cpu"); None restores CUDA events on CUDA."""
+    global _generation
+    from engine.elastic.dispatch import DISPATCHER
+
+    DISPATCHER.set_timer(timer, devices)
+    _generation += 1
+
+
+def remember(memo: dict, key: tuple, decide: Callable[[], str]) -> str:
+    """`decide()` once per `key` (and backend setting) in a layer's `memo`; not while compiling."""
+    if torch.compiler.is_compiling():
+        return decide()
+    full = (_generation, get_backend()) + key
+    choice = memo.get(full)
+    if choice is None:
+        choice = memo[full] = decide()
+    return choice
+
+
+def _shape_class(x: torch.Tensor) -> str:
+    """The part of a call signature that comes from the activations: batch rounded up to a power of
+    two, channels to a multiple of 16, the spatial size exact."""
+    dims = list(x.shape)
+    if dims:
+        dims[0] = 1 << max(int(dims[0]) - 1, 0).bit_length()
+    if len(dims) > 1:
+        dims[1] = -(-int(dims[1]) // 16) * 16
+    return "x".join(str(d) for d in dims)
+
+
+def _kernel_covers(op: str, name: str, x: torch.Tensor, limits: dict, explicit: bool,
+                   measured_here: bool) -> bool:
+    if name not in limits:
+        if explicit:
+            _note_fallback(op, name, "no kernel for this op")
+        return False
+    cpu_ok = name == "triton" and triton_interpret() and (explicit or measured_here)
+    if x.device.type != "cuda" and not cpu_ok:
+        if explicit:
+            _note_fallback(op, name, f"tensors on {x.device.type}")
+        return False
+    # (not re-checked while torch.compile traces: the probe imports modules, which dynamo cannot
+    # trace, and an explicitly requested backend was already checked by set_backend)
+    if not torch.compiler.is_compiling() and not availability(name)[0]:
+        return False
+    reason = limits[name]() if x.dtype in KERNEL_DTYPES else f"dtype {x.dtype}"
+    if reason is not None:
+        _note_fallback(op, name, reason)
+    return reason is None
+
+
+def choose(op: str, x: torch.Tensor, limits: dict[str, Callable[[], str | None]],
+           measure: Callable[[], tuple[dict[str, Callable], list[torch.Tensor]]] | None = None,
+           key: tuple = ()) -> str:
     """Pick the backend for one call of `op` on activations `x` (its device and dtype).
 
     `limits` maps a backend name to a function returning None when that backend's kernel covers
     this call, or the reason it does not. Backends absent from `limits` have no kernel for `op`.
     Every kernel serves float32, float16 and bfloat16 activations (float64 runs the reference).
+    With "auto", `measure()` returns (candidates {backend: side-effect-free callable running the
+    op}, tensors to differentiate for) for timing, called only on the signature's first use; `key`
+    holds the call's settings beyond the activations' shape and dtype (stride, kernel size, widths).
     """
-    device = x.device
     requested = get_backend()
     if requested == "torch":
         return "torch"
-    candidates = ("triton", "cuda") if requested == "auto" else (requested,)
-    for name in candidates:
-        if name not in limits:
-            if requested != "auto":
-                _note_fallback(op, name, "no kernel for this op")
-            continue
-        if device.type != "cuda" and not (name == "triton" and requested == "triton" and triton_interpret()):
-            if requested != "auto":
-                _note_fallback(op, name, f"tensors on {device.type}")
-            continue
-        # (not re-checked while torch.compile traces: the probe imports modules, which dynamo cannot
-        # trace, and an explicitly requested backend was already checked by set_backend)
-        if not torch.compiler.is_compiling() and not availability(name)[0]:
-            continue
-        reason = limits[name]() if x.dtype in KERNEL_DTYPES else f"dtype {x.dtype}"
-        if reason is None:
-            return name
-        _note_fallback(op, name, reason)
-    return "torch"
+    if requested != "auto":
+        return requested if _kernel_covers(op, requested, x, limits, True, False) else "torch"
+    from engine.elastic.dispatch import DISPATCHER
+
+    measured_here = measure is not None and DISPATCHER.can_measure(x)
+    kernels = [n for n in ("triton", "cuda") if _kernel_covers(op, n, x, limits, False, measured_here)]
+    if not kernels or measure is None:
+        return "torch"
+    signature = "|".join([op, str(x.dtype).removeprefix("torch."), _shape_class(x), *map(str, key)])
+    cached = DISPATCHER.cached(signature, x.device)
+    if cached is not None:
+        return cached if cached == "torch" or cached in kernels else "torch"
+    if not measured_here:
+        return "torch"                                  # the prior until this device measures it
+    candidates, grad_inputs = measure()
+    return DISPATCHER.measure(signature, x.device, {k: v for k, v in candidates.items()
+                                                   if k == "torch" or k in kernels}, grad_inputs)

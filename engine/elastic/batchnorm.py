@@ -54,6 +54,7 @@ class ElasticBatchNorm2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(max_features))
         self.register_buffer("running_mean", torch.zeros(max_features))
         self.register_buffer("running_var", torch.ones(max_features))
+        self._choices: dict = {}             # backend choice per input signature (backend.remember)
 
     def reset_running_stats(self) -> None:
         """Running mean to 0 and variance to 1 (before BN re-calibration)."""
@@ -95,7 +96,9 @@ class ElasticBatchNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = check_channels("features", x.shape[1], self.max_features)
-        choice = backend.choose("batchnorm_act", x, {"triton": lambda: None, "cuda": lambda: None})
+        choice = backend.remember(self._choices, (x.shape, x.dtype, x.device, self.training), lambda: backend.choose(
+            "batchnorm_act", x, {"triton": lambda: None, "cuda": lambda: None}, lambda: self._candidates(x),
+            key=(self.act, self.training)))
         if choice != "torch":
             y, stats = fused_batchnorm_op(choice)(x, self.weight, self.bias, self.running_mean, self.running_var,
                                                   self.training, self.eps, self.act)
@@ -106,6 +109,19 @@ class ElasticBatchNorm2d(nn.Module):
             return y
         return batchnorm_reference(x, self.weight, self.bias, self.running_mean, self.running_var,
                                    self.training, self.momentum, self.eps, self.act)
+
+    def _candidates(self, x: torch.Tensor):
+        """The implementations for timing, without side effects (the reference gets copies of the
+        running statistics to update)."""
+        def reference():
+            return batchnorm_reference(x, self.weight, self.bias, self.running_mean.clone(), self.running_var.clone(),
+                                       self.training, self.momentum, self.eps, self.act)
+
+        def fused(name):
+            return lambda: fused_batchnorm_op(name)(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                                    self.training, self.eps, self.act)
+
+        return {"torch": reference, "triton": fused("triton"), "cuda": fused("cuda")}, [x, self.weight, self.bias]
 
     def export(self, features: int) -> nn.Module:
         """nn.BatchNorm2d (followed by the activation, if any) holding copies of the [:C] slices."""

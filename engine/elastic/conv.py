@@ -37,6 +37,7 @@ class ElasticConv2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(max_out)) if bias else None
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         self.active_out_channels = max_out
+        self._choices: dict = {}             # backend choice per input signature (backend.remember)
 
     def set_active(self, out_channels: int) -> None:
         """Select the number of output channels (1..max_out)."""
@@ -45,15 +46,27 @@ class ElasticConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_channels("in_channels", x.shape[1], self.max_in)
         out = self.active_out_channels
-        pointwise = self.kernel_size == 1 and self.stride == 1
-        choice = backend.choose("pointwise_conv", x, {
-            "triton": lambda: None if pointwise else f"kernel {self.kernel_size}, stride {self.stride}",
-        })
+        choice = backend.remember(self._choices, (x.shape, x.dtype, x.device, out), lambda: backend.choose(
+            "pointwise_conv", x, {"triton": lambda: self._uncovered()}, lambda: self._candidates(x, out),
+            key=(out, self.kernel_size, self.stride)))
         if choice == "triton":
             from engine.kernels.pointwise import pointwise_conv
 
             return pointwise_conv(x, self.weight, self.bias, out)
         return conv2d_reference(x, self.weight, self.bias, out, self.stride)
+
+    def _uncovered(self) -> str | None:
+        """Why the pointwise kernel does not cover this layer (None: it does)."""
+        if self.kernel_size == 1 and self.stride == 1:
+            return None
+        return f"kernel {self.kernel_size}, stride {self.stride}"
+
+    def _candidates(self, x: torch.Tensor, out: int):
+        from engine.kernels.pointwise import pointwise_conv
+
+        return ({"torch": lambda: conv2d_reference(x, self.weight, self.bias, out, self.stride),
+                 "triton": lambda: pointwise_conv(x, self.weight, self.bias, out)},
+                [x, self.weight] + ([self.bias] if self.bias is not None else []))
 
     def export(self, in_channels: int) -> nn.Conv2d:
         """A plain nn.Conv2d holding a copy of the active slice."""

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -38,6 +38,22 @@ def depthwise_reference(x: torch.Tensor, filt: torch.Tensor, stride: int) -> tor
     return F.conv2d(x, filt.unsqueeze(1), None, stride, k // 2, 1, c)
 
 
+BACKENDS = ("torch", "triton", "cuda")
+
+
+def depthwise_op(choice: str) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
+    """The depthwise conv (x, filt (C, k, k), stride) -> y of backend `choice`."""
+    if choice == "triton":
+        from engine.kernels.depthwise import depthwise_conv
+
+        return depthwise_conv
+    if choice == "cuda":
+        from engine.elastic.cuda_ext import depthwise_conv
+
+        return depthwise_conv
+    return depthwise_reference
+
+
 class ElasticDepthwiseConv2d(nn.Module):
     """Depthwise conv, (N, C, H, W) with C <= max_channels -> (N, C, H', W'), no bias.
 
@@ -61,6 +77,7 @@ class ElasticDepthwiseConv2d(nn.Module):
             f"{src}to{dst}": nn.Parameter(torch.eye(dst * dst)) for src, dst in zip(ks[:0:-1], ks[-2::-1])
         })
         self.active_kernel_size = kmax
+        self._choices: dict = {}             # backend choice per input signature (backend.remember)
 
     def set_active(self, kernel_size: int) -> None:
         """Select the kernel size (one of `kernel_sizes`)."""
@@ -74,16 +91,12 @@ class ElasticDepthwiseConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = check_channels("channels", x.shape[1], self.max_channels)
         filt = self.active_filter(c)
-        choice = backend.choose("depthwise_conv", x, {"triton": lambda: None, "cuda": lambda: None})
-        if choice == "triton":
-            from engine.kernels.depthwise import depthwise_conv
-
-            return depthwise_conv(x, filt, self.stride)
-        if choice == "cuda":
-            from engine.elastic.cuda_ext import depthwise_conv
-
-            return depthwise_conv(x, filt, self.stride)
-        return depthwise_reference(x, filt, self.stride)
+        k, stride = self.active_kernel_size, self.stride
+        choice = backend.remember(self._choices, (x.shape, x.dtype, x.device, k), lambda: backend.choose(
+            "depthwise_conv", x, {"triton": lambda: None, "cuda": lambda: None},
+            lambda: ({name: (lambda name=name: depthwise_op(name)(x, filt, stride)) for name in BACKENDS}, [x, filt]),
+            key=(k, stride)))
+        return depthwise_op(choice)(x, filt, stride)
 
     def export(self, channels: int) -> nn.Conv2d:
         """A plain depthwise nn.Conv2d holding the active (transformed) filter."""
