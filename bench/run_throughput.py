@@ -234,14 +234,17 @@ def main(argv=None) -> int:
             write_json("throughput", payload, args.out)
 
     progress(f"{env['device']}  torch {env['torch']}  triton {env['triton']}  amp={args.amp}  [{label}]")
-    from bench.op_counts import all_counts
-
-    payload["dispatched_ops"] = all_counts()          # host work per 4-subnet step (counted on the CPU)
-    progress("dispatched ops per 4-subnet step: " + ", ".join(
-        f"{k} {v['ops']}" for k, v in payload["dispatched_ops"].items() if k != "anchors"))
     for net in args.nets:
         for phase in args.phases:
             measure(args, device, net, phase, budget, save)
+    if budget.spent():
+        payload["dispatched_ops"] = {"skipped": "--max-seconds budget spent"}
+    else:
+        from bench.op_counts import all_counts
+
+        payload["dispatched_ops"] = all_counts()      # host work per 4-subnet step (counted on the CPU)
+        progress("dispatched ops per 4-subnet step: " + ", ".join(
+            f"{k} {v['ops']}" for k, v in payload["dispatched_ops"].items() if k != "anchors"))
     print("\n".join(table(rows, args.variants)))
     for dataset, per_variant in payload["projected_hours"].items():
         print(f"projected {label} hours, full DεpS on {dataset}: "

@@ -4,7 +4,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from engine.elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticDepthwiseConv2d, ElasticLinear
+from engine.elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticDepthwiseConv2d, ElasticLinear, ElasticSE
+from engine.elastic.se import se_mid_channels
 from engine.supernet import ofa_mobilenetv3
 from engine.train.losses import kd_loss, soft_labels
 from engine.train.sandwich import sample_sandwich, sequential_step
@@ -32,7 +33,16 @@ def _slice_masks(model, x):
         masks[id(m.weight)][:out.shape[1]] = 1
         masks[id(m.bias)][:out.shape[1]] = 1
 
-    hooks = {ElasticConv2d: conv, ElasticLinear: conv, ElasticDepthwiseConv2d: dw, ElasticBatchNorm2d: bn}
+    def se(m, inp, out):                      # its two linears' slices: [:mid, :c] and [:c, :mid]
+        c = inp[0].shape[1]
+        mid = se_mid_channels(c)
+        masks[id(m.reduce.weight)][:mid, :c] = 1
+        masks[id(m.reduce.bias)][:mid] = 1
+        masks[id(m.expand.weight)][:c, :mid] = 1
+        masks[id(m.expand.bias)][:c] = 1
+
+    hooks = {ElasticConv2d: conv, ElasticLinear: conv, ElasticDepthwiseConv2d: dw, ElasticBatchNorm2d: bn,
+             ElasticSE: se}
     handles = [m.register_forward_hook(hooks[type(m)]) for m in model.modules() if type(m) in hooks]
     with torch.no_grad():
         model(x)

@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from engine.elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticDepthwiseConv2d, ElasticLinear
+from engine.elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticDepthwiseConv2d, ElasticLinear, ElasticSE
+from engine.elastic.se import se_mid_channels
 from engine.eval.bn_calibration import recalibrate_bn
 from engine.supernet import ofa_mobilenetv3
 
@@ -57,13 +58,20 @@ def _hook_counter(model, res):
         counts["macs"] += out.shape[-1] * inp[0].shape[-1]
         counts["params"] += out.shape[-1] * (inp[0].shape[-1] + 1)
 
+    def se_hook(m, inp, out):                # the SE's two linears run on its pooled input
+        c = inp[0].shape[1]
+        mid = se_mid_channels(c)
+        counts["macs"] += 2 * c * mid
+        counts["params"] += 2 * c * mid + c + mid
+
     def bn_hook(m, inp, out):
         counts["params"] += 2 * out.shape[1]
 
     hooks = [m.register_forward_hook({ElasticConv2d: conv_hook, ElasticDepthwiseConv2d: dw_hook,
-                                      ElasticLinear: linear_hook, ElasticBatchNorm2d: bn_hook}[type(m)])
+                                      ElasticLinear: linear_hook, ElasticBatchNorm2d: bn_hook,
+                                      ElasticSE: se_hook}[type(m)])
              for m in model.modules() if type(m) in (ElasticConv2d, ElasticDepthwiseConv2d, ElasticLinear,
-                                                     ElasticBatchNorm2d)]
+                                                     ElasticBatchNorm2d, ElasticSE)]
     with torch.no_grad():
         model.eval()(torch.randn(1, 3, res, res))
     for h in hooks:
