@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 suite.skip("tests", "no CUDA device (CI runs the CPU tier)")
         elif name == "throughput":
-            _bench(suite, name, "run_throughput.py", [] if gpu else
+            _bench(suite, name, "run_throughput.py", ["--nets", "imagenet", "cifar", "--steps", "10", "--warmup", "3"]
+                   if gpu else
                    ["--device", "cpu", "--nets", "cifar", "--batch", "2", "--steps", "1", "--warmup", "0",
                     "--subnets", "2", "--variants", "ofa_cl", "ours"], budget)
         elif name == "layers":

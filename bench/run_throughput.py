@@ -9,7 +9,10 @@ Variants, measured in one run on the same weights, batch, precision and sandwich
   ours        this engine's default path (backend "auto"), sequential sandwich, gradients summed in .grad
   torch       this engine with backend "torch" (cuDNN/ATen on weight views)
   batched     the batched sandwich: all K subnets in one forward and one backward (engine/train/batched.py)
-  compiled    torch.compile of the engine's reference layers (one graph per subnet config, compiled in warm-up)
+  compile_teacher  --compile teacher: the max net as one compiled graph (teacher phase only)
+  compile_blocks   --compile blocks: every MBConv block compiled per (kernel, expand) variant
+               (the compile variants run on a copy of the supernet; their compile time, the warm-up
+               steps' time, is reported apart as compile_seconds)
 for the OFA-MobileNetV3 32-px (CIFAR) and 224-px (ImageNet) supernets, teacher phase (max net) and
 shrinking phase (K subnets). Ratios are against the faster of `ofa` and `ofa_cl`. GPU-hours of a full
 DεpS run are projected from the measured step times and the spec's schedule.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -43,7 +47,7 @@ from engine.train.sandwich import sample_sandwich, sequential_step  # noqa: E402
 
 NETS = {"cifar": ("cifar", 32, 256, 10), "imagenet": ("imagenet", 224, 128, 1000)}
 # in the order they are measured (the most telling first, should the budget run out)
-VARIANTS = ("ofa_cl", "ours", "torch", "batched", "ofa", "deps_masks", "compiled")
+VARIANTS = ("ofa_cl", "ours", "torch", "batched", "ofa", "deps_masks", "compile_teacher", "compile_blocks")
 BASELINES = ("ofa", "ofa_cl")
 CPU_VARIANTS = ["ofa_cl", "ours", "batched", "deps_masks"]     # compiling takes minutes on a CPU
 # spec schedule: (images per epoch, epochs E, teacher T, warm-up W, net); paper's reported costs
@@ -117,12 +121,37 @@ class _Setup:
                 net = self.wrappers.setdefault("batched", BatchedSandwich(m))
                 batched_step(m, net, images, y, cfgs, betas, 0.1, 1.0, None, amp)
             else:
-                net = self.wrappers.setdefault("compiled", torch.compile(m))
-                with use_backend("torch"):
-                    sequential_step(m, net, images, y, cfgs, betas, 0.1, 1.0, None, amp)
+                self._compiled(variant).run(images)
             self.opt.step()
 
         return run
+
+    def _compiled(self, variant: str) -> "_CompiledVariant":
+        if variant not in self.wrappers:
+            self.wrappers[variant] = _CompiledVariant(self, variant.removeprefix("compile_"))
+        return self.wrappers[variant]
+
+
+class _CompiledVariant:
+    """A --compile mode on a copy of the supernet (compiling blocks changes them in place)."""
+
+    def __init__(self, setup: "_Setup", mode: str) -> None:
+        import copy
+
+        from engine.train.compile import Compiler
+
+        self.setup = setup
+        self.model = copy.deepcopy(setup.model)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+        self.phase = "teacher" if len(setup.cfgs) == 1 else "shrink"
+        self.net = Compiler(self.model, mode, setup.images.device).net(self.phase, self.model)
+
+    def run(self, images: torch.Tensor) -> None:
+        s = self.setup
+        self.opt.zero_grad(set_to_none=False)
+        sequential_step(self.model, self.net, images.contiguous(memory_format=torch.channels_last), s.labels, s.cfgs,
+                        s.betas, 0.1, 1.0, None, s.amp_dtype)
+        self.opt.step()
 
 
 def measure(args, device: torch.device, net_name: str, phase: str, budget: Budget, save) -> dict:
@@ -136,15 +165,26 @@ def measure(args, device: torch.device, net_name: str, phase: str, budget: Budge
             row[variant] = {"skipped": "--max-seconds budget spent"}
             progress(f"{label}: skipped (budget spent)")
             continue
+        if variant == "compile_teacher" and phase != "teacher":
+            row[variant] = {"skipped": "teacher phase only"}
+            continue
         progress(f"{label}: warm-up ({args.warmup} steps; compiles kernels on first use)")
         channels_last = variant != "ofa" and (args.channels_last or variant == "ofa_cl")
         run = setup.step_fn(variant, channels_last)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        compile_s = None
+        if variant.startswith("compile_"):                 # the warm-up compiles: timed apart
+            t0 = time.perf_counter()
+            time_ms(run, device, 0, max(args.warmup, 1))
+            compile_s = time.perf_counter() - t0
+            progress(f"{label}: compiled in {compile_s:.1f} s")
         with _profiler(args, f"{net_name}-{phase}-{variant}"):
-            ms = time_ms(run, device, args.warmup, args.steps, budget.deadline)
+            ms = time_ms(run, device, 0 if compile_s is not None else args.warmup, args.steps, budget.deadline)
         row[variant] = {"ms_per_step": ms, "images_per_s": setup.batch * 1e3 / ms,
                         "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
+        if compile_s is not None:
+            row[variant]["compile_seconds"] = compile_s
         progress(f"{label}: {ms:.2f} ms/step, {row[variant]['images_per_s']:.1f} img/s")
         save(row)
     base = min((row[v]["ms_per_step"] for v in BASELINES if "ms_per_step" in row.get(v, {})), default=None)
@@ -188,8 +228,9 @@ def table(rows: list[dict], variants: list[str]) -> list[str]:
         cells = []
         for v in variants:
             m = r.get(v, {})
-            cells.append(f"{m['ms_per_step']:8.2f} ms {m.get('speedup_vs_ofa', float('nan')):5.2f}x"
-                         if "ms_per_step" in m else ("skipped" if "skipped" in m else "n/a"))
+            ratio = f"{m['speedup_vs_ofa']:5.2f}x" if "speedup_vs_ofa" in m else "     -"
+            cells.append(f"{m['ms_per_step']:8.2f} ms {ratio}" if "ms_per_step" in m
+                         else ("skipped" if "skipped" in m else "n/a"))
         lines.append(f"{r['net']:9s} {r['phase']:8s} {r['subnets']:2d} {r['batch']:5d} "
                      + " ".join(f"{c:>20s}" for c in cells))
     return lines

@@ -4,7 +4,8 @@ Selection: `set_backend(name)` or the environment variable ENGINE_BACKEND, with
 name in {"auto", "torch", "triton", "cuda"}. "auto" (the default) is measured: among the reference
 and every kernel that is available and covers the call, the fastest on this device for the call's
 signature (engine/elastic/dispatch.py: timed once, cached in memory and in a per-device JSON file);
-before a measurement exists, and on CPU, the reference. Triton and CUDA only serve CUDA tensors,
+before a measurement exists, and on CPU, the reference. Inside torch.compile'd code "auto" is the
+reference: inductor generates (and fuses) its kernels; a forced backend puts the custom ops there. Triton and CUDA only serve CUDA tensors,
 except that Triton also serves CPU tensors under TRITON_INTERPRET=1 (how CI tests the kernels) when
 asked for by name, or for measurement with an injected timer. An explicitly requested backend that
 is not installed raises; one that does not cover a particular input (a shape, a device) falls back
@@ -76,10 +77,12 @@ def set_backend(name: str) -> None:
 
 
 def get_backend() -> str:
-    """The requested backend name ("auto" unless set)."""
-    global _requested
+    """The requested backend name ("auto" unless set). ENGINE_BACKEND is read (and checked) on the first
+    call outside torch.compile tracing; a traced call only reads, so the graph has no side effect."""
     if _requested is None:
         env = os.environ.get("ENGINE_BACKEND", "auto")
+        if torch.compiler.is_compiling():
+            return env if env in _CHOICES else "auto"
         set_backend(env)
     return _requested  # type: ignore[return-value]
 
@@ -175,6 +178,8 @@ def choose(op: str, x: torch.Tensor, limits: dict[str, Callable[[], str | None]]
         return "torch"
     if requested != "auto":
         return requested if _kernel_covers(op, requested, x, limits, True, False) else "torch"
+    if torch.compiler.is_compiling():
+        return "torch"              # a compiled region: the reference ops, which inductor generates and fuses
     from engine.elastic.dispatch import DISPATCHER
 
     measured_here = measure is not None and DISPATCHER.can_measure(x)

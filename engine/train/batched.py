@@ -194,7 +194,7 @@ def batched_step(model: OFAMobileNetV3, net: torch.nn.Module, images: torch.Tens
     targets = soft_labels(logits[:, 0], temperature)
     kd = [kd_loss(logits[:, k], targets, temperature) for k in range(1, len(cfgs))]
     total = loss_max * betas[0] + sum(b * l for b, l in zip(betas[1:], kd))
-    if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+    if isinstance(getattr(net, "_orig_mod", net), torch.nn.parallel.DistributedDataParallel):
         total = total + touch_all(model)
     (scaler.scale(total) if scaler is not None else total).backward()
     model.set_active_subnet(cfgs[-1])

@@ -67,6 +67,10 @@ class TrainConfig:
                                      "--dali, non-JPEG ones) from training, BN calibration and evaluation")
     sandwich: str = _opt("auto", "sequential, batched (all K subnets in one pass), or auto (sequential)")
     backend: str = _opt("auto", "elastic-layer backend: auto (measured per op), torch, triton or cuda")
+    compile: str = _opt("auto", "torch.compile: off, teacher (the max-net phase as one graph), blocks (each "
+                                "MBConv block per variant), all; auto = teacher on CUDA, off on CPU")
+    compile_backend: str = _opt("inductor", "torch.compile backend (inductor; aot_eager to debug)")
+    cuda_graphs: bool = _opt(False, "capture the compiled teacher step in CUDA graphs (reduce-overhead)")
     out: str | None = _opt(None, "run folder (default runs/<method>-<dataset>)")
     resume: str | None = _opt(None, "resume from PATH, or from <out>/checkpoint.pt when no PATH is given")
     seed: int = _opt(0, "random seed (weights, data order, augmentation, subnet sampling)")
@@ -100,7 +104,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 
 CHOICES = {"method": METHODS, "dataset": DATASETS, "sampler": ("random", "compound"),
            "variant": ("cifar", "imagenet"), "sandwich": ("auto", "sequential", "batched"),
-           "backend": ("auto", "torch", "triton", "cuda")}
+           "backend": ("auto", "torch", "triton", "cuda"), "compile": ("auto", "off", "teacher", "blocks", "all")}
 # total stride of each supernet variant: the last stage's feature map is resolution / this
 TOTAL_STRIDE = {"cifar": 8, "imagenet": 32}
 

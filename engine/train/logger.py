@@ -61,7 +61,8 @@ class RunLogger:
             writer.writerows({k: r.get(k, "") for k in self.FIELDS} for r in rows if int(r["step"]) <= step)
 
     def log_step(self, row: dict) -> None:
-        self.step_seconds.setdefault("teacher" if row["phase"] == "teacher" else "shrink", []).append(row["seconds"])
+        if not row.get("compiled"):                 # a step that compiled a graph says nothing of step time
+            self.step_seconds.setdefault("teacher" if row["phase"] == "teacher" else "shrink", []).append(row["seconds"])
         if not self.enabled:
             return
         self._csv.writerow({k: row[k] for k in self.FIELDS})
@@ -73,15 +74,18 @@ class RunLogger:
         if self.enabled:
             self._csv_file.flush()
 
-    def device_hours(self, elapsed_s: float, remaining_teacher: int, remaining_shrink: int, subnets: int) -> dict:
+    def device_hours(self, elapsed_s: float, remaining_teacher: int, remaining_shrink: int, subnets: int,
+                     compile_s: float = 0.0) -> dict:
         """Used and projected device-hours (devices x wall time). Unseen shrink steps are estimated
-        as `subnets` teacher steps (an upper bound: smaller subnets are cheaper)."""
+        as `subnets` teacher steps (an upper bound: smaller subnets are cheaper). `compile_s`: wall
+        seconds of the steps that compiled graphs (within the used time, reported apart)."""
         mean = {k: sum(v[-200:]) / len(v[-200:]) for k, v in self.step_seconds.items() if v}
         teacher_s = mean.get("teacher", mean.get("shrink", 0.0) / max(subnets, 1))
         shrink_s = mean.get("shrink", teacher_s * subnets)
         remaining_s = remaining_teacher * teacher_s + remaining_shrink * shrink_s
         return {"device": self.device_label, "devices": self.devices,
                 "used_hours": self.devices * elapsed_s / 3600,
+                "compile_seconds": compile_s,
                 "projected_total_hours": self.devices * (elapsed_s + remaining_s) / 3600,
                 "mean_step_seconds": mean}
 

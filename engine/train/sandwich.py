@@ -68,15 +68,17 @@ def sequential_step(model: OFAMobileNetV3, net: nn.Module, images: torch.Tensor,
 
     cfgs[0] must be the max net: it is trained on `labels` with label-smoothed CE (weight betas[0]);
     every later subnet k is distilled from its detached soft labels with weight betas[k].
-    `net` is `model` or its DDP wrapper (only the last backward synchronises). With `check_grads`,
+    `net` is `model` or its DDP wrapper (only the last backward synchronises), either of them possibly
+    torch.compile'd. With `check_grads`,
     the gradients are checked for inf/NaN after each subnet's backward (on the device).
     """
-    ddp = isinstance(net, nn.parallel.DistributedDataParallel)
+    inner = getattr(net, "_orig_mod", net)                        # under a torch.compile wrapper
+    ddp = isinstance(inner, nn.parallel.DistributedDataParallel)
     losses, bad, targets = [], [], None
     for i, (cfg, beta) in enumerate(zip(cfgs, betas)):
         model.set_active_subnet(cfg)
         last = i == len(cfgs) - 1
-        with (net.no_sync() if ddp and not last else contextlib.nullcontext()):
+        with (inner.no_sync() if ddp and not last else contextlib.nullcontext()):
             with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = net(images)
             if i == 0:

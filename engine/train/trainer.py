@@ -23,6 +23,7 @@ from engine.eval.pareto import write_report
 from engine.supernet import OFAMobileNetV3, SupernetSpec, arch
 from engine.train import checkpoint
 from engine.train.batched import BatchedSandwich, batched_step
+from engine.train.compile import Compiler, eager
 from engine.train.config import TrainConfig, validate
 from engine.train.distributed import init_distributed, ranks_agree
 from engine.train.guard import NonFiniteError, NonFiniteGuard, repair_running_stats
@@ -33,7 +34,7 @@ from engine.train.schedule import cosine_lr, make_plan, subnet_beta
 log = logging.getLogger("engine.train")
 # fields that may change between an interrupted run and its resumption
 RESUMABLE_DIFFERENCES = {"resume", "max_steps", "progress", "workers", "out", "backend", "log_every",
-                         "max_bad_steps"}
+                         "max_bad_steps", "compile", "compile_backend", "cuda_graphs"}
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -188,6 +189,7 @@ def run(cfg: TrainConfig) -> dict:
     net: nn.Module = BatchedSandwich(model) if batched else model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None)
+    compiler = Compiler(model, cfg.compile, device, cfg.compile_backend, cfg.cuda_graphs)
     device_label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     logger = RunLogger(out, rank == 0, world, device_label, resume_step=step if resume_path is not None else None)
     if rank == 0:
@@ -242,15 +244,17 @@ def run(cfg: TrainConfig) -> dict:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 optimizer.zero_grad(set_to_none=True)
-                result = step_fn(model, net, images, labels, cfgs, betas, cfg.label_smoothing,
-                                 cfg.temperature, scaler, amp_dtype, check_grads=check_grads)
+                step_net = compiler.net(phase, net)
+                result, compiled = compiler.timed_step(lambda: step_fn(
+                    model, step_net, images, labels, cfgs, betas, cfg.label_smoothing, cfg.temperature, scaler,
+                    amp_dtype, check_grads=check_grads))
                 found_inf = guard.update(result.losses, result.grads_bad)
                 _optimizer_step(optimizer, scaler, found_inf)
                 step += 1
                 seconds = timer.lap()
                 steps_log.add({"step": step, "epoch": epoch, "phase": phase, "lr": lr, "beta": beta,
-                               "images_per_s": images.shape[0] * world / max(seconds, 1e-9), "seconds": seconds},
-                              result.losses, found_inf)
+                               "images_per_s": images.shape[0] * world / max(seconds, 1e-9), "seconds": seconds,
+                               "compiled": compiled}, result.losses, found_inf)
                 bar.update(1)
                 if step % cfg.log_every == 0:
                     _after_flush(steps_log.flush(), model, rank)
@@ -259,9 +263,11 @@ def run(cfg: TrainConfig) -> dict:
             model.set_max_net()
             save()
             # subnets' forwards also move the shared running statistics: re-calibrate for the max net
-            acc = evaluate_subnets(model, {"max": max_cfg}, val_loader, monitor_calib, device, data.resolution,
-                                   cfg.channels_last, amp_dtype, costs=False)[0]["top1"]
-            hours = _hours(logger, plan, spe, step, total, cfg, elapsed_before + time.perf_counter() - run_start)
+            with eager():
+                acc = evaluate_subnets(model, {"max": max_cfg}, val_loader, monitor_calib, device, data.resolution,
+                                       cfg.channels_last, amp_dtype, costs=False)[0]["top1"]
+            hours = _hours(logger, plan, spe, step, total, cfg, elapsed_before + time.perf_counter() - run_start,
+                           compiler.compile_seconds)
             logger.write_hours(hours)
             logger.log_eval("max_top1", acc, step)
             if rank == 0:
@@ -269,13 +275,15 @@ def run(cfg: TrainConfig) -> dict:
                          "projected for the run %.4f", epoch, step, acc, hours["device"],
                          hours["used_hours"], hours["projected_total_hours"])
         summary["skipped_steps"] = guard.read()["skipped_steps"]
+        summary["compile"] = {"mode": compiler.mode, "compile_seconds": compiler.compile_seconds}
         if stop.requested and step < total:
             summary["interrupted"] = True
             log.info("interrupted at step %d of %d (checkpoint %s); continue with --resume", step, total, ckpt_path)
         elif step < total:
             log.info("stopped at --max-steps %d of %d (checkpoint %s); continue with --resume", step, total, ckpt_path)
         else:
-            summary.update(_final_evaluation(model, cfg, data, device, val_loader, amp_dtype, out, rank))
+            with eager():
+                summary.update(_final_evaluation(model, cfg, data, device, val_loader, amp_dtype, out, rank))
         if world > 1:
             agree = ranks_agree(model)
             summary["ddp"] = agree
@@ -326,11 +334,12 @@ def _loaders(cfg: TrainConfig, data, device: torch.device, rank: int, world: int
     return epoch_batches, val, len(train)
 
 
-def _hours(logger: RunLogger, plan, spe: int, step: int, total: int, cfg: TrainConfig, elapsed: float) -> dict:
+def _hours(logger: RunLogger, plan, spe: int, step: int, total: int, cfg: TrainConfig, elapsed: float,
+           compile_s: float) -> dict:
     teacher_total = min(total, int(plan.shrink_start * spe))
     remaining_teacher = max(0, teacher_total - step)
     remaining_shrink = max(0, total - max(step, teacher_total))
-    return logger.device_hours(elapsed, remaining_teacher, remaining_shrink, cfg.subnets)
+    return logger.device_hours(elapsed, remaining_teacher, remaining_shrink, cfg.subnets, compile_s)
 
 
 def _final_evaluation(model: OFAMobileNetV3, cfg: TrainConfig, data, device, val_loader, amp_dtype, out: Path,
