@@ -21,6 +21,8 @@ Reference: engine.elastic.batchnorm.batchnorm_reference.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -109,10 +111,10 @@ def _reduce_kernel(x_ptr, gy_ptr, mean_ptr, scale_ptr, shift_ptr, rstd_ptr, out_
 
 @autotune(_APPLY_SPACE, DEFAULT, key=["M_CLASS", "C"], prune=prune_blocks({"BLOCK_C": "C"}))
 @triton.jit
-def _apply_kernel(x_ptr, gy_ptr, out_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, sum_g_ptr, sum_gx_ptr, M, C,
-                  M_CLASS, BACKWARD: tl.constexpr, TRAINING: tl.constexpr, ACT: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Forward: out = act(x * scale + shift). Backward: out = dx from the sums of the reduce pass."""
+def _apply_kernel(x_ptr, gy_ptr, out_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, sum_g_ptr, sum_gx_ptr, res_ptr,
+                  M, C, M_CLASS, BACKWARD: tl.constexpr, TRAINING: tl.constexpr, ACT: tl.constexpr,
+                  HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Forward: out = act(x * scale + shift) [+ residual]. Backward: out = dx from the reduce pass's sums."""
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
@@ -133,6 +135,8 @@ def _apply_kernel(x_ptr, gy_ptr, out_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_p
         out = g * scale
     else:
         out = _activate(z, ACT)
+        if HAS_RES:
+            out += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -171,14 +175,14 @@ def _reduce(mode: int, x2: torch.Tensor, gy2=None, mean=None, scale=None, shift=
     return torch.stack([mean, (m2.sum(0) + (counts * (means - mean) ** 2).sum(0)) / m])
 
 
-def _apply(x2, out2, scale, shift, act, gy2=None, mean=None, rstd=None, sums=None, training=False):
+def _apply(x2, out2, scale, shift, act, gy2=None, mean=None, rstd=None, sums=None, training=False, res2=None):
     m, c = x2.shape
     dummy = scale
     _apply_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))](
         x2, gy2 if gy2 is not None else x2, out2, scale, shift, mean if mean is not None else dummy,
         rstd if rstd is not None else dummy, sums[0] if sums is not None else dummy,
-        sums[1] if sums is not None else dummy, m, c, size_class(m),
-        BACKWARD=gy2 is not None, TRAINING=training, ACT=act)
+        sums[1] if sums is not None else dummy, res2 if res2 is not None else x2, m, c, size_class(m),
+        BACKWARD=gy2 is not None, TRAINING=training, ACT=act, HAS_RES=res2 is not None)
 
 
 def _affine(weight, bias, mean, var, eps, c):
@@ -243,6 +247,48 @@ def batchnorm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, run
     if act not in ACT_CODE:
         raise ValueError(f"unknown activation {act!r}; expected one of {tuple(ACT_CODE)}")
     return _batchnorm_act(autocast_input(x), weight, bias, running_mean, running_var, training, eps, act)
+
+
+@torch.library.custom_op("engine::bn_apply", mutates_args=())
+def _bn_apply(x: torch.Tensor, stats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+              residual: Optional[torch.Tensor], eps: float, act: str) -> torch.Tensor:
+    n, c, h, w = x.shape
+    _, scale, shift = _affine(weight, bias, stats[0], stats[1], eps, c)
+    y = empty_nchw_channels_last(n, c, h, w, x)
+    _apply(rows(x), rows(y), scale, shift, ACT_CODE[act], res2=None if residual is None else rows(residual.to(x.dtype)))
+    return y
+
+
+@_bn_apply.register_fake
+def _(x, stats, weight, bias, residual, eps, act):
+    n, c, h, w = x.shape
+    return empty_nchw_channels_last(n, c, h, w, x)
+
+
+def _bn_apply_setup(ctx, inputs, output):
+    x, stats, weight, bias, residual, eps, act = inputs
+    ctx.save_for_backward(x, weight, bias, stats)
+    ctx.eps, ctx.act, ctx.has_res = eps, act, residual is not None
+
+
+def _bn_apply_backward(ctx, grad_y):
+    x, weight, bias, stats = ctx.saved_tensors
+    grad_x, grad_w, grad_b = _batchnorm_act_backward(grad_y, x, weight, bias, stats, True, ctx.eps, ctx.act)
+    return grad_x, None, grad_w, grad_b, (grad_y if ctx.has_res else None), None, None
+
+
+_bn_apply.register_autograd(_bn_apply_backward, setup_context=_bn_apply_setup)
+
+
+def bn_apply(x: torch.Tensor, stats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+             residual: Optional[torch.Tensor], eps: float, act: str) -> torch.Tensor:
+    """Training-mode BN + activation [+ residual] of x (N, C, H, W) with its batch statistics `stats`
+    (2, C) already computed (by the producing GEMM's epilogue: x is not read for them): one read of x
+    (and the residual), one write. The backward differentiates through the statistics, as a BN over x
+    does; `stats` gets no gradient."""
+    if act not in ACT_CODE:
+        raise ValueError(f"unknown activation {act!r}; expected one of {tuple(ACT_CODE)}")
+    return _bn_apply(autocast_input(x), stats, weight, bias, residual, eps, act)
 
 
 @torch.library.custom_op("engine::running_update", mutates_args=("running_mean", "running_var"))

@@ -44,9 +44,9 @@ def _limit(lim_ptr, g, full, SRC: tl.constexpr):
 @autotune(_SPACE, DEFAULT, key=["M_CLASS", "N_CLASS", "K_CLASS"],
           prune=prune_blocks({"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_K": "K"}))
 @triton.jit
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, lim_ptr, M, N, K,
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, lim_ptr, stats_ptr, M, N, K,
                    s_am, s_ak, s_bk, s_bn, s_cs, s_cm, s_cn, a_goff, b_goff, c_goff, n_splits, M_CLASS, N_CLASS, K_CLASS,
-                   HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, STATS: tl.constexpr, PRECISION: tl.constexpr,
                    M_SRC: tl.constexpr, N_SRC: tl.constexpr, K_SRC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """c[z, m, n] = sum over split s's k < k_g of a[m, k] * b[k, n] (+ bias[n]) for m < m_g, n < n_g,
@@ -77,16 +77,30 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, lim_ptr, M, N, K,
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < n_lim, other=0.0).to(tl.float32)[None, :]
     c = c_ptr + pid_z * s_cs + g * c_goff + rm[:, None] * s_cm + rn[None, :] * s_cn
-    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    out = acc.to(c_ptr.dtype.element_ty)
+    tl.store(c, out, mask=(rm[:, None] < M) & (rn[None, :] < N))
+    if STATS:   # BN statistics epilogue: this tile's count, mean and squared deviations per column, of the
+        #         values as stored (one group, no split); merged across tiles on the host (Chan et al.)
+        valid = rm < M
+        count = tl.sum(valid.to(tl.float32), axis=0)
+        v = tl.where(valid[:, None], out.to(tl.float32), 0.0)
+        mean = tl.sum(v, axis=0) / tl.maximum(count, 1.0)
+        d = tl.where(valid[:, None], v - mean[None, :], 0.0)
+        base = stats_ptr + pid_m * 3 * N + rn
+        tl.store(base, tl.zeros_like(mean) + count, mask=rn < N)
+        tl.store(base + N, mean, mask=rn < N)
+        tl.store(base + 2 * N, tl.sum(d * d, axis=0), mask=rn < N)
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias: Optional[torch.Tensor] = None,
             split: int = 1, limits: Optional[torch.Tensor] = None, sources: tuple[int, int, int] = (-1, -1, -1),
-            group_offsets: tuple[int, int, int] = (0, 0, 0)) -> torch.Tensor:
+            group_offsets: tuple[int, int, int] = (0, 0, 0), stats: Optional[torch.Tensor] = None) -> torch.Tensor:
     """out[s] = a[:, k-chunk s] @ b[k-chunk s, :] for s < split (out: (split, M, N) or (M, N) if split 1).
 
     a: (M, K), b: (K, N), any strides; the dot runs in a's dtype.
     Grouped (limits (G, 2) int32): group g's a, b, out start group_offsets[...] * g elements further,
+    `stats` (zeroed, (cdiv(M, 16), 3, N) fp32): the statistics epilogue writes each M tile's (count,
+    mean, squared deviations) of the stored values into row pid_m (one group, no split only).
     its extents are (M, N, K) with columns `sources` of limits substituted, out is (G * split, M, N)
     (or (M, N) + the group's offset when split is 1) and is zero beyond the group's extents.
     """
@@ -96,9 +110,9 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias: Optional[
     s_cs = out3.stride(0) if out.dim() == 3 else 0
     _matmul_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), groups * split)](
         a, b, out3, bias if bias is not None else a, limits if limits is not None else a,
-        m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        stats if stats is not None else a, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         s_cs, out3.stride(1), out3.stride(2), *group_offsets, split, size_class(m), size_class(n), size_class(k),
-        HAS_BIAS=bias is not None, PRECISION=dot_precision(a.dtype),
+        HAS_BIAS=bias is not None, STATS=stats is not None, PRECISION=dot_precision(a.dtype),
         M_SRC=sources[0], N_SRC=sources[1], K_SRC=sources[2])
     return out
 
@@ -169,6 +183,57 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
                    out_channels: int) -> torch.Tensor:
     """Elastic 1x1 conv: x (N, i, H, W), weight (max_o, max_i, 1, 1) -> (N, o, H, W) channels-last."""
     return _pointwise_conv(autocast_input(x), weight, bias, out_channels)
+
+
+MIN_BLOCK_M = min(entry[0]["BLOCK_M"] for entry in _SPACE)   # the most M tiles any config writes
+
+
+def merge_tile_stats(partial: torch.Tensor, m: int) -> torch.Tensor:
+    """(tiles, 3, C) [count, mean, squared deviations] -> (2, C) [mean, biased variance] over m rows
+    (Chan's parallel merge; unwritten tiles have count 0)."""
+    count, mean_t, m2_t = partial.unbind(1)
+    mean = (count * mean_t).sum(0) / m
+    return torch.stack([mean, (m2_t.sum(0) + (count * (mean_t - mean) ** 2).sum(0)) / m])
+
+
+@torch.library.custom_op("engine::pointwise_conv_stats", mutates_args=())
+def _pointwise_conv_stats(x: torch.Tensor, weight: torch.Tensor,
+                          out_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n, cin, h, w = x.shape
+    y = empty_nchw_channels_last(n, out_channels, h, w, x)
+    m = n * h * w
+    partial = torch.zeros((triton.cdiv(m, MIN_BLOCK_M), 3, out_channels), dtype=torch.float32, device=x.device)
+    _matmul(rows(x), _matrix(weight)[:out_channels, :cin].t(), rows(y), stats=partial)
+    return y, merge_tile_stats(partial, m)
+
+
+@_pointwise_conv_stats.register_fake
+def _(x, weight, out_channels):
+    n, _, h, w = x.shape
+    return (empty_nchw_channels_last(n, out_channels, h, w, x),
+            torch.empty((2, out_channels), dtype=torch.float32, device=x.device))
+
+
+def _stats_setup(ctx, inputs, output):
+    x, weight, out_channels = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.out_channels, ctx.has_bias = out_channels, False
+    ctx.set_materialize_grads(False)
+
+
+def _stats_backward(ctx, grad_y, grad_stats):
+    grad_x, grad_w, _, _ = _backward(ctx, grad_y)
+    return grad_x, grad_w, None
+
+
+_pointwise_conv_stats.register_autograd(_stats_backward, setup_context=_stats_setup)
+
+
+def pointwise_conv_stats(x: torch.Tensor, weight: torch.Tensor, out_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Elastic 1x1 conv (no bias) with its output's BN statistics from the GEMM epilogue: x (N, i, H, W)
+    -> (y (N, o, H, W) channels-last, stats (2, o) fp32 [mean, biased variance] of y as stored). The
+    statistics carry no gradient: the BN that consumes them differentiates through them itself."""
+    return _pointwise_conv_stats(autocast_input(x), weight, out_channels)
 
 
 @torch.library.custom_op("engine::grouped_pointwise_conv", mutates_args=())

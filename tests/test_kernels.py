@@ -257,3 +257,47 @@ def _close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> bool:
     """Max-norm closeness with a floor: some values are zero in theory (a BN bias feeding a BN, the
     mean of a zero-mean input) and come out as rounding noise on both paths."""
     return bool((got - want).abs().max() <= rtol * want.abs().max() + 1e-6)
+
+
+@pytest.mark.parametrize("n,h,w,max_in,max_out,cin,cout,act,res", [
+    (2, 5, 7, 29, 37, 19, 23, "h_swish", False), (3, 9, 4, 16, 40, 16, 33, "none", True),
+    (1, 1, 3, 70, 70, 70, 70, "relu", False),
+])
+def test_conv_bn_fused_matches_reference(n, h, w, max_in, max_out, cin, cout, act, res):
+    """The GEMM with the BN-statistics epilogue, then BN [+ residual] from those statistics, against
+    conv2d + batch_norm [+ add]: output, every gradient, the running statistics."""
+    import copy
+
+    from engine.elastic import ElasticBatchNorm2d, ElasticConv2d, use_backend
+    from engine.elastic.fused import conv_bn
+
+    conv, bn = ElasticConv2d(max_in, max_out, 1).to(DEVICE), ElasticBatchNorm2d(max_out, act=act).to(DEVICE)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    conv.set_active(cout)
+    x = torch.randn(n, cin, h, w, device=DEVICE).to(memory_format=torch.channels_last).requires_grad_()
+    r = torch.randn(n, cout, h, w, device=DEVICE).requires_grad_() if res else None
+    outs = []
+    for name, (c, b) in (("triton", (conv, bn)), ("torch", copy.deepcopy((conv, bn)))):
+        with use_backend(name):
+            y = conv_bn(c, b, x, r)
+        outs.append((y, c, b))
+    (y, c1, b1), (ref, c0, b0) = outs
+    assert rel_err(y, ref) < RTOL
+    dy = torch.randn_like(ref)
+    inputs = lambda c, b: (x, c.weight, b.weight, b.bias) + ((r,) if res else ())  # noqa: E731
+    for got, want in zip(_grads(y, inputs(c1, b1), dy), _grads(ref, inputs(c0, b0), dy)):
+        assert rel_err(got, want) < RTOL
+    assert rel_err(b1.running_mean, b0.running_mean) < RTOL and rel_err(b1.running_var, b0.running_var) < RTOL
+
+
+def test_fused_ops_pass_opcheck():
+    x = torch.randn(2, 6, 5, 4, device=DEVICE).to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(9, 8, 1, 1, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(kpw._pointwise_conv_stats, (x, w, 7))
+    stats = torch.stack([torch.randn(6, device=DEVICE), torch.rand(6, device=DEVICE) + 0.5])
+    g, b = torch.randn(8, device=DEVICE, requires_grad=True), torch.randn(8, device=DEVICE, requires_grad=True)
+    res = torch.randn(2, 6, 5, 4, device=DEVICE).to(memory_format=torch.channels_last).requires_grad_()
+    torch.library.opcheck(kbn._bn_apply, (x, stats, g, b, res, 1e-5, "h_swish"))
+    torch.library.opcheck(kbn._bn_apply, (x, stats, g, b, None, 1e-5, "relu"))

@@ -103,6 +103,9 @@ def _exercise(kpw, kdw, kbn, dtype: torch.dtype) -> None:
         for training in (True, False):
             back(kbn.batchnorm_act(chw(2, 8, 3, 3), g, b, torch.zeros(8), torch.ones(8), training, 1e-5, act)[0])
     kbn.running_update(torch.zeros(8, dtype=dtype), torch.ones(8, dtype=dtype), torch.rand(2, 6), 18, 0.1)
+    for residual in (None, chw(2, 7, 3, 3)):
+        h, stats = kpw.pointwise_conv_stats(chw(2, 8, 3, 3), w, 7)
+        back(kbn.bn_apply(h, stats, g, b, residual, 1e-5, "h_swish"))
 
 
 def _compile(launches: list[dict]) -> list[dict]:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from engine.elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticDepthwiseConv2d, ElasticSE
+from engine.elastic.fused import conv_bn
 from engine.elastic.utils import check_choice, make_divisible
 
 
@@ -80,12 +81,11 @@ class MBConvBlock(nn.Module):
         h = x
         if self.has_expand:
             self.ib_conv.set_active(self.mid_channels(x.shape[1]))
-            h = self.ib_bn(self.ib_conv(h))                  # (N, mid, H, W)
+            h = conv_bn(self.ib_conv, self.ib_bn, h)          # (N, mid, H, W)
         h = self.dw_bn(self.dw_conv(h))                      # (N, mid, H/s, W/s)
         if self.se is not None:
             h = self.se(h)
-        h = self.pw_bn(self.pw_conv(h))                      # (N, out, H/s, W/s)
-        return h + x if self.residual else h
+        return conv_bn(self.pw_conv, self.pw_bn, h, x if self.residual else None)   # (N, out, H/s, W/s)
 
     def export(self, in_channels: int) -> StaticMBConv:
         mid = self.mid_channels(in_channels)

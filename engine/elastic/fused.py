@@ -1,0 +1,60 @@
+"""An MBConv 1x1 conv and the batch norm after it (and the block's residual add), fused in training.
+
+Fused (Triton): the GEMM writes the conv output h and, from the tile in registers, h's per-channel
+count / mean / squared deviations (kernels/pointwise.py: pointwise_conv_stats); the BN then reads h
+once to write act(BN(h)) [+ residual] (kernels/batchnorm.py: bn_apply): h is read once instead of
+twice, and the residual add is no pass of its own. The reference: conv2d, batch_norm, and the add.
+Chosen per call signature by measurement (backend "auto"), like every fused path here: used only
+where it is faster on the device. Eval mode, non-pointwise convs and convs with a bias take the
+layers' own paths.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.elastic import backend
+from engine.elastic.batchnorm import ElasticBatchNorm2d, batchnorm_reference
+from engine.elastic.conv import ElasticConv2d, conv2d_reference
+
+
+def conv_bn(conv: ElasticConv2d, bn: ElasticBatchNorm2d, x: torch.Tensor,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
+    """bn(conv(x)) [+ residual]: x (N, in, H, W) -> (N, out, H, W), out = conv.active_out_channels;
+    `residual` has the output's shape."""
+    if not bn.training or conv.kernel_size != 1 or conv.stride != 1 or conv.bias is not None:
+        return _unfused(conv, bn, x, residual)
+    out = conv.active_out_channels
+    res = residual is not None
+
+    def candidates():
+        from engine.kernels.batchnorm import bn_apply
+        from engine.kernels.pointwise import pointwise_conv_stats
+
+        def reference():
+            h = batchnorm_reference(conv2d_reference(x, conv.weight, None, out, 1), bn.weight, bn.bias,
+                                    bn.running_mean.clone(), bn.running_var.clone(), True, bn.momentum, bn.eps, bn.act)
+            return h + residual if res else h
+
+        def fused():
+            h, stats = pointwise_conv_stats(x, conv.weight, out)
+            return bn_apply(h, stats, bn.weight, bn.bias, residual, bn.eps, bn.act)
+
+        return {"torch": reference, "triton": fused}, [x, conv.weight, bn.weight, bn.bias] + ([residual] if res else [])
+
+    choice = backend.remember(conv._choices, ("conv_bn", x.shape, x.dtype, x.device, out, res), lambda: backend.choose(
+        "conv_bn", x, {"triton": lambda: None}, candidates, key=(out, bn.act, res)))
+    if choice != "triton":
+        return _unfused(conv, bn, x, residual)
+    from engine.kernels.batchnorm import bn_apply, running_update
+    from engine.kernels.pointwise import pointwise_conv_stats
+
+    h, stats = pointwise_conv_stats(x, conv.weight, out)
+    y = bn_apply(h, stats, bn.weight, bn.bias, residual, bn.eps, bn.act)
+    running_update(bn.running_mean, bn.running_var, stats, h.numel() // out, bn.momentum)
+    return y
+
+
+def _unfused(conv: ElasticConv2d, bn: ElasticBatchNorm2d, x: torch.Tensor,
+             residual: torch.Tensor | None) -> torch.Tensor:
+    h = bn(conv(x))
+    return h + residual if residual is not None else h
