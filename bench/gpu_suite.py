@@ -64,15 +64,16 @@ class Suite:
         later = [b for s, b in GPU_STEPS[[s for s, _ in GPU_STEPS].index(name) + 1:]]
         return max(5.0, self.deadline - time.monotonic() - sum(later))
 
-    def run(self, name: str, cmd: list[str], budget: float) -> dict:
-        """Run `cmd` in the repo root under `budget` seconds; its output goes to suite.log."""
+    def run(self, name: str, cmd: list[str], budget: float, env: dict | None = None) -> dict:
+        """Run `cmd` in the repo root under `budget` seconds (extra `env` variables); its output goes to
+        suite.log."""
         progress(f"{name}: {' '.join(cmd[1:])} (budget {budget:.0f} s)")
         self.log.write(f"\n===== {name}: {' '.join(cmd)}\n")
         self.log.flush()
         t0 = time.monotonic()
         try:
-            done = subprocess.run(cmd, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-                                  timeout=budget)
+            done = subprocess.run(cmd, cwd=ROOT, env={**self.env, **(env or {})}, stdout=self.log,
+                                  stderr=subprocess.STDOUT, timeout=budget)
             status = "ok" if done.returncode == 0 else f"failed (exit {done.returncode})"
         except subprocess.TimeoutExpired:
             status = f"timeout after {budget:.0f} s"
@@ -136,7 +137,9 @@ def _tests(suite: Suite, budget: float, paths: list[str], name: str) -> None:
     xml = suite.out / f"{name}.xml.tmp"
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu_tier", f"--junitxml={xml}",
            "--durations=10", *paths]
-    step = suite.run(name, cmd, budget)
+    # one config per kernel (tests/test_kernel_configs.py runs every config once): autotuning would
+    # compile and time the whole space for every test shape
+    step = suite.run(name, cmd, budget, env={"ENGINE_AUTOTUNE": "0"})
     if xml.exists():
         report = _junit(xml)
         xml.unlink()

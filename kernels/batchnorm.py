@@ -17,6 +17,9 @@ Backward recomputes the pre-activation z from x (x is saved, not z), g = dy * ac
 one pass for both reductions, one pass for dx.
 Reductions over M are split across programs into fp32 partials (deterministic), the split count fixed
 by M (not by the block sizes, which are autotuned: kernels.common.autotune).
+`bn_apply`: the same BN from statistics computed elsewhere (the producing GEMM's epilogue,
+kernels/pointwise.py), with the block's residual added in the same pass: one read of x (and the
+residual), one write; its backward is the training backward above (through the statistics).
 Reference: engine.elastic.batchnorm.batchnorm_reference.
 """
 from __future__ import annotations
