@@ -6,13 +6,14 @@ import datetime
 import json
 import math
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from engine.timing import median_ms
 
 RESULTS = Path(__file__).resolve().parent / "results"
 _START = time.monotonic()
@@ -50,29 +51,8 @@ class Budget:
 
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: int,
             deadline: float = math.inf) -> float:
-    """Median milliseconds of fn() after `warmup` calls (device-synchronised); at least one timed call,
-    then no more once time.monotonic() passes `deadline`."""
-    for _ in range(warmup):
-        fn()
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-    times: list[float] = []
-    for _ in range(reps):
-        if times and time.monotonic() > deadline:
-            break
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median milliseconds of fn() after `warmup` calls (engine.timing.median_ms)."""
+    return median_ms(fn, device, warmup, reps, deadline)
 
 
 def write_json(name: str, payload: dict, out: str | Path | None = None) -> Path:

@@ -16,12 +16,13 @@ import json
 import logging
 import os
 import re
-import statistics
 import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+
+from engine.timing import median_ms
 
 log = logging.getLogger("engine.dispatch")
 FORMAT = 1
@@ -33,17 +34,7 @@ Candidates = dict[str, Callable[[], Any]]
 def cuda_event_timer(backend: str, run: Callable[[], None], device: torch.device) -> float:  # noqa: ARG001
     """Median milliseconds of run() (backend `backend`'s implementation) on `device` after WARMUP calls
     (CUDA events)."""
-    for _ in range(WARMUP):
-        run()
-    times = []
-    for _ in range(REPS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return median_ms(run, device, WARMUP, REPS)
 
 
 class Dispatcher:

@@ -36,12 +36,19 @@ def write_report(rows: list[dict], out_dir: str | Path, title: str = "") -> tupl
     for r in rows:
         if r["subnet"] in ("max", "min"):
             ax.annotate(r["subnet"], (r["mflops"], r["top1"]), textcoords="offset points", xytext=(4, 4))
-    ax.set_xlabel("MFLOPs (2 x MACs) per image")
+    finish_plot(fig, ax, "MFLOPs (2 x MACs) per image", title or "accuracy vs FLOPs", png_path)
+    return csv_path, png_path
+
+
+def finish_plot(fig, ax, xlabel: str, title: str, png_path: Path) -> None:
+    """Label a top-1 plot, add its grid and legend, and write it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("top-1 (%)")
-    ax.set_title(title or "accuracy vs FLOPs")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(png_path)
     plt.close(fig)
-    return csv_path, png_path

@@ -8,18 +8,12 @@ plain-torch subnet on a device (median after a warm-up), cached per config.
 """
 from __future__ import annotations
 
-import json
-import statistics
-import time
-
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from engine.search.accuracy import config_key
 from engine.supernet.mobilenetv3 import OFAMobileNetV3
-
-
-def _key(cfg: dict) -> str:
-    return json.dumps(cfg, sort_keys=True, separators=(",", ":"))
+from engine.timing import median_ms
 
 
 class FlopTable:
@@ -84,7 +78,7 @@ class LatencyMeter:
         self.cache: dict[str, float] = {}
 
     def __call__(self, cfg: dict) -> float:
-        key = _key(cfg)
+        key = config_key(cfg)
         if key not in self.cache:
             active = self.model.active_config()
             self.model.set_active_subnet(cfg)
@@ -95,20 +89,4 @@ class LatencyMeter:
 
     @torch.inference_mode()
     def _time(self, net: torch.nn.Module) -> float:
-        cuda = self.device.type == "cuda"
-        for _ in range(self.warmup):
-            net(self.x)
-        times = []
-        for _ in range(self.reps):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                net(self.x)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                net(self.x)
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        return median_ms(lambda: net(self.x), self.device, self.warmup, self.reps)

@@ -6,7 +6,7 @@ import csv
 import json
 from pathlib import Path
 
-from engine.eval.pareto import pareto_front
+from engine.eval.pareto import finish_plot, pareto_front
 
 STYLE = {"searched": ("tab:red", "o"), "random": ("tab:gray", "."), "min": ("tab:blue", "s"), "max": ("tab:blue", "^")}
 
@@ -36,12 +36,5 @@ def write_front(points: list[dict], out: Path, title: str, unit: str) -> tuple[P
     searched = sorted(pareto_front([r for r in points if r["source"] == "searched"], "cost"), key=lambda r: r["cost"])
     if searched:
         ax.plot([r["cost"] for r in searched], [r["top1"] for r in searched], "-", c="tab:red", label="searched front")
-    ax.set_xlabel(unit)
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path)
-    plt.close(fig)
+    finish_plot(fig, ax, unit, title, png_path)
     return csv_path, png_path
