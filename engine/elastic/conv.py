@@ -46,14 +46,12 @@ class ElasticConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_channels("in_channels", x.shape[1], self.max_in)
         out = self.active_out_channels
+        impls = self._implementations(x, out)
         choice = backend.remember(self._choices, (x.shape, x.dtype, x.device, out), lambda: backend.choose(
-            "pointwise_conv", x, {"triton": lambda: self._uncovered()}, lambda: self._candidates(x, out),
+            "pointwise_conv", x, {"triton": lambda: self._uncovered()},
+            lambda: (impls, [x, self.weight] + ([self.bias] if self.bias is not None else [])),
             key=(out, self.kernel_size, self.stride)))
-        if choice == "triton":
-            from engine.kernels.pointwise import pointwise_conv
-
-            return pointwise_conv(x, self.weight, self.bias, out)
-        return conv2d_reference(x, self.weight, self.bias, out, self.stride)
+        return impls[choice]()
 
     def _uncovered(self) -> str | None:
         """Why the pointwise kernel does not cover this layer (None: it does)."""
@@ -61,12 +59,13 @@ class ElasticConv2d(nn.Module):
             return None
         return f"kernel {self.kernel_size}, stride {self.stride}"
 
-    def _candidates(self, x: torch.Tensor, out: int):
-        from engine.kernels.pointwise import pointwise_conv
+    def _implementations(self, x: torch.Tensor, out: int) -> dict:
+        def triton() -> torch.Tensor:
+            from engine.kernels.pointwise import pointwise_conv
 
-        return ({"torch": lambda: conv2d_reference(x, self.weight, self.bias, out, self.stride),
-                 "triton": lambda: pointwise_conv(x, self.weight, self.bias, out)},
-                [x, self.weight] + ([self.bias] if self.bias is not None else []))
+            return pointwise_conv(x, self.weight, self.bias, out)
+
+        return {"torch": lambda: conv2d_reference(x, self.weight, self.bias, out, self.stride), "triton": triton}
 
     def export(self, in_channels: int) -> nn.Conv2d:
         """A plain nn.Conv2d holding a copy of the active slice."""

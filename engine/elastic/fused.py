@@ -27,31 +27,34 @@ def conv_bn(conv: ElasticConv2d, bn: ElasticBatchNorm2d, x: torch.Tensor,
     res = residual is not None
 
     def candidates():
-        from engine.kernels.batchnorm import bn_apply
-        from engine.kernels.pointwise import pointwise_conv_stats
-
         def reference():
             h = batchnorm_reference(conv2d_reference(x, conv.weight, None, out, 1), bn.weight, bn.bias,
                                     bn.running_mean.clone(), bn.running_var.clone(), True, bn.momentum, bn.eps, bn.act)
             return h + residual if res else h
 
-        def fused():
-            h, stats = pointwise_conv_stats(x, conv.weight, out)
-            return bn_apply(h, stats, bn.weight, bn.bias, residual, bn.eps, bn.act)
-
-        return {"torch": reference, "triton": fused}, [x, conv.weight, bn.weight, bn.bias] + ([residual] if res else [])
+        return ({"torch": reference, "triton": lambda: _fused(conv, bn, x, residual, out)[0]},
+                [x, conv.weight, bn.weight, bn.bias] + ([residual] if res else []))
 
     choice = backend.remember(conv._choices, ("conv_bn", x.shape, x.dtype, x.device, out, res), lambda: backend.choose(
         "conv_bn", x, {"triton": lambda: None}, candidates, key=(out, bn.act, res)))
     if choice != "triton":
         return _unfused(conv, bn, x, residual)
-    from engine.kernels.batchnorm import bn_apply, running_update
+    from engine.kernels.batchnorm import running_update
+
+    y, stats, count = _fused(conv, bn, x, residual, out)
+    running_update(bn.running_mean, bn.running_var, stats, count, bn.momentum)
+    return y
+
+
+def _fused(conv: ElasticConv2d, bn: ElasticBatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None,
+           out: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(y, h's batch statistics (2, out), values per channel): the GEMM with the statistics epilogue,
+    then BN [+ residual] from them; the running statistics are left to the caller."""
+    from engine.kernels.batchnorm import bn_apply
     from engine.kernels.pointwise import pointwise_conv_stats
 
     h, stats = pointwise_conv_stats(x, conv.weight, out)
-    y = bn_apply(h, stats, bn.weight, bn.bias, residual, bn.eps, bn.act)
-    running_update(bn.running_mean, bn.running_var, stats, h.numel() // out, bn.momentum)
-    return y
+    return bn_apply(h, stats, bn.weight, bn.bias, residual, bn.eps, bn.act), stats, h.numel() // out
 
 
 def _unfused(conv: ElasticConv2d, bn: ElasticBatchNorm2d, x: torch.Tensor,

@@ -54,19 +54,16 @@ def grouped_pointwise_conv(x: torch.Tensor, weight: torch.Tensor, widths: torch.
     cin = _check(x, widths, "widths")
     if weight.shape[-2:] != (1, 1) or out_per_group > weight.shape[0] or cin > weight.shape[1]:
         raise ValueError(f"weight {tuple(weight.shape)} cannot serve {out_per_group} x {cin} pointwise groups")
-    def candidates():
-        from engine.kernels.pointwise import grouped_pointwise_conv as kernel
-
-        return ({"torch": lambda: grouped_pointwise_reference(x, weight, widths, out_per_group),
-                 "triton": lambda: kernel(x, weight, widths, out_per_group)}, [x, weight])
-
-    choice = backend.remember(_CHOICES, ("pw", x.shape, x.dtype, x.device, out_per_group), lambda: backend.choose(
-        "grouped_pointwise_conv", x, {"triton": lambda: None}, candidates, key=(out_per_group, widths.shape[0])))
-    if choice == "triton":
+    def triton() -> torch.Tensor:
         from engine.kernels.pointwise import grouped_pointwise_conv as kernel
 
         return kernel(x, weight, widths, out_per_group)
-    return grouped_pointwise_reference(x, weight, widths, out_per_group)
+
+    impls = {"torch": lambda: grouped_pointwise_reference(x, weight, widths, out_per_group), "triton": triton}
+    choice = backend.remember(_CHOICES, ("pw", x.shape, x.dtype, x.device, out_per_group), lambda: backend.choose(
+        "grouped_pointwise_conv", x, {"triton": lambda: None}, lambda: (impls, [x, weight]),
+        key=(out_per_group, widths.shape[0])))
+    return impls[choice]()
 
 
 def grouped_depthwise_reference(x: torch.Tensor, filt: torch.Tensor, stride: int,
@@ -91,19 +88,16 @@ def grouped_depthwise_conv(x: torch.Tensor, filt: torch.Tensor, stride: int, lim
     check_depthwise_filter(x, filt)
     if stride not in (1, 2):
         raise ValueError(f"stride={stride} is not 1 or 2")
-    def candidates():
-        from engine.kernels.depthwise import grouped_depthwise_conv as kernel
-
-        return ({"torch": lambda: grouped_depthwise_reference(x, filt, stride, limits),
-                 "triton": lambda: kernel(x, filt, stride, limits)}, [x, filt])
-
-    choice = backend.remember(_CHOICES, ("dw", x.shape, x.dtype, x.device, stride), lambda: backend.choose(
-        "grouped_depthwise_conv", x, {"triton": lambda: None}, candidates, key=(stride, limits.shape[0])))
-    if choice == "triton":
+    def triton() -> torch.Tensor:
         from engine.kernels.depthwise import grouped_depthwise_conv as kernel
 
         return kernel(x, filt, stride, limits)
-    return grouped_depthwise_reference(x, filt, stride, limits)
+
+    impls = {"torch": lambda: grouped_depthwise_reference(x, filt, stride, limits), "triton": triton}
+    choice = backend.remember(_CHOICES, ("dw", x.shape, x.dtype, x.device, stride), lambda: backend.choose(
+        "grouped_depthwise_conv", x, {"triton": lambda: None}, lambda: (impls, [x, filt]),
+        key=(stride, limits.shape[0])))
+    return impls[choice]()
 
 
 def grouped_batchnorm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
@@ -130,15 +124,17 @@ def grouped_batchnorm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     gamma, beta = weight[:channels].repeat(groups), bias[:channels].repeat(groups)
     if mask is not None:
         gamma, beta = gamma * mask, beta * mask
-    def candidates():
-        fused = {name: (lambda name=name: fused_batchnorm_op(name)(x, gamma, beta, gamma.detach(), gamma.detach(),
-                                                                   True, eps, act)) for name in ("triton", "cuda")}
-        return {"torch": lambda: grouped_batchnorm_reference(x, gamma, beta, eps, act), **fused}, [x, gamma, beta]
+    def fused(name: str):
+        def run() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            # training mode: the op ignores its running-statistics arguments, any (G*C,) tensors do
+            y, stats = fused_batchnorm_op(name)(x, gamma, beta, gamma.detach(), gamma.detach(), True, eps, act)
+            return y, stats[0], stats[1]
+        return run
 
+    impls = {"torch": lambda: grouped_batchnorm_reference(x, gamma, beta, eps, act), "triton": fused("triton"),
+             "cuda": fused("cuda")}
     choice = backend.remember(_CHOICES, ("bn", x.shape, x.dtype, x.device, act), lambda: backend.choose(
-        "batchnorm_act", x, {"triton": lambda: None, "cuda": lambda: None}, candidates, key=(act, True)))
-    if choice == "torch":
-        y, mean, var = grouped_batchnorm_reference(x, gamma, beta, eps, act)
-    else:   # training mode: the op ignores its running-statistics arguments, any (G*C,) tensors do
-        y, (mean, var) = fused_batchnorm_op(choice)(x, gamma, beta, gamma.detach(), gamma.detach(), True, eps, act)
+        "batchnorm_act", x, {"triton": lambda: None, "cuda": lambda: None}, lambda: (impls, [x, gamma, beta]),
+        key=(act, True)))
+    y, mean, var = impls[choice]()
     return y, mean.view(groups, channels), var.view(groups, channels)

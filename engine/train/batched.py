@@ -31,6 +31,7 @@ from engine.elastic.grouped import channel_mask, grouped_batchnorm_act, grouped_
 from engine.elastic.se import se_mid_channels
 from engine.supernet.blocks import MBConvBlock
 from engine.supernet.mobilenetv3 import OFAMobileNetV3
+from engine.train.compile import unwrap
 from engine.train.guard import grads_nonfinite
 from engine.train.losses import kd_loss, soft_labels
 from engine.train.sandwich import StepResult, touch_all
@@ -194,7 +195,7 @@ def batched_step(model: OFAMobileNetV3, net: torch.nn.Module, images: torch.Tens
     targets = soft_labels(logits[:, 0], temperature)
     kd = [kd_loss(logits[:, k], targets, temperature) for k in range(1, len(cfgs))]
     total = loss_max * betas[0] + sum(b * l for b, l in zip(betas[1:], kd))
-    if isinstance(getattr(net, "_orig_mod", net), torch.nn.parallel.DistributedDataParallel):
+    if isinstance(unwrap(net), torch.nn.parallel.DistributedDataParallel):
         total = total + touch_all(model)
     (scaler.scale(total) if scaler is not None else total).backward()
     model.set_active_subnet(cfgs[-1])

@@ -14,6 +14,7 @@ from torch import nn
 
 from engine.supernet import arch
 from engine.supernet.mobilenetv3 import OFAMobileNetV3
+from engine.train.compile import unwrap
 from engine.train.guard import grads_nonfinite
 from engine.train.losses import kd_loss, soft_labels
 
@@ -72,7 +73,7 @@ def sequential_step(model: OFAMobileNetV3, net: nn.Module, images: torch.Tensor,
     torch.compile'd. With `check_grads`,
     the gradients are checked for inf/NaN after each subnet's backward (on the device).
     """
-    inner = getattr(net, "_orig_mod", net)                        # under a torch.compile wrapper
+    inner = unwrap(net)
     ddp = isinstance(inner, nn.parallel.DistributedDataParallel)
     losses, bad, targets = [], [], None
     for i, (cfg, beta) in enumerate(zip(cfgs, betas)):
