@@ -1,7 +1,8 @@
 """BN re-calibration: reset and re-estimate the running statistics of the active subnet."""
 from __future__ import annotations
 
-from typing import Iterable
+import contextlib
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -35,3 +36,19 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     if seen == 0:
         raise ValueError("recalibrate_bn got no batches")
     return seen
+
+
+@contextlib.contextmanager
+def calibrated(model: nn.Module, cfg: dict, batches: Iterable[torch.Tensor]) -> Iterator[nn.Module]:
+    """The supernet `model` set to subnet `cfg` with its BN statistics re-calibrated on `batches`, in
+    eval mode; on exit the supernet's own running statistics, active subnet and mode come back."""
+    saved = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    active, training = model.active_config(), model.training
+    try:
+        model.set_active_subnet(cfg)
+        recalibrate_bn(model, batches)
+        yield model.eval()
+    finally:
+        model.load_state_dict(saved, strict=False)
+        model.set_active_subnet(active)
+        model.train(training)

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from engine.eval.bn_calibration import recalibrate_bn
+from engine.eval.bn_calibration import calibrated
 from engine.supernet.mobilenetv3 import OFAMobileNetV3
 
 
@@ -39,18 +39,11 @@ def evaluate_subnets(model: OFAMobileNetV3, subnets: dict[str, dict], val_loader
 
     The supernet's own running statistics are restored afterwards.
     """
-    saved = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
-    active = model.active_config()
     rows = []
-    try:
-        for name, cfg in subnets.items():
-            model.set_active_subnet(cfg)
-            recalibrate_bn(model, calib_batches)
+    for name, cfg in subnets.items():
+        with calibrated(model, cfg, calib_batches):
             row = {"subnet": name, "top1": top1(model, val_loader, device, channels_last, amp_dtype), "config": cfg}
             if costs:
                 row.update(mflops=model.flops(resolution) / 1e6, mparams=model.params() / 1e6)
-            rows.append(row)
-    finally:
-        model.load_state_dict(saved, strict=False)
-        model.set_active_subnet(active)
+        rows.append(row)
     return rows

@@ -12,7 +12,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from engine.eval.bn_calibration import recalibrate_bn
+from engine.eval.bn_calibration import calibrated
+from engine.eval.evaluate import top1
 from engine.supernet.mobilenetv3 import OFAMobileNetV3
 
 
@@ -36,40 +37,13 @@ class MeasuredAccuracy:
     def __call__(self, cfg: dict) -> float:
         key = config_key(cfg)
         if key not in self.cache:
-            with self.calibrated(cfg):
-                self.cache[key] = self._top1()
+            with self.calibrated(cfg) as model:
+                self.cache[key] = top1(model, self.batches, self.batches[0][1].device)
         return self.cache[key]
 
-    def calibrated(self, cfg: dict) -> "_Calibrated":
+    def calibrated(self, cfg: dict):
         """Context: the model set to `cfg` with BN re-calibrated, in eval mode; restored on exit."""
-        return _Calibrated(self.model, cfg, self.calib)
-
-    @torch.inference_mode()
-    def _top1(self) -> float:
-        correct = total = 0
-        for images, labels in self.batches:
-            correct += int((self.model(images).argmax(-1) == labels).sum())
-            total += labels.numel()
-        return 100.0 * correct / max(total, 1)
-
-
-class _Calibrated:
-    def __init__(self, model: OFAMobileNetV3, cfg: dict, calib: Sequence[torch.Tensor]) -> None:
-        self.model, self.cfg, self.calib = model, cfg, calib
-
-    def __enter__(self) -> OFAMobileNetV3:
-        m = self.model
-        self.saved = {k: v.clone() for k, v in m.state_dict().items() if "running" in k}
-        self.active, self.training = m.active_config(), m.training
-        m.set_active_subnet(self.cfg)
-        recalibrate_bn(m, self.calib)
-        return m.eval()
-
-    def __exit__(self, *exc) -> None:
-        m = self.model
-        m.load_state_dict(self.saved, strict=False)
-        m.set_active_subnet(self.active)
-        m.train(self.training)
+        return calibrated(self.model, cfg, self.calib)
 
 
 def features(cfg: dict, kernel_sizes: Sequence[int], expand_ratios: Sequence[int], depths: Sequence[int]) -> list[float]:
