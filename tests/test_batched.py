@@ -76,32 +76,53 @@ def _rel_max(got, truth):
 def test_batched_block_on_triton_matches_torch(want):
     """One block of the batched step on the grouped Triton kernels (on the GPU, or TRITON_INTERPRET on
     CPU) against the torch path in float64: output, input gradient, every parameter gradient and
-    running statistic, each within 2x the float32 torch path's own error (+1e-5 relative): BN weight
-    gradients sum near-cancelling terms, so float32 is ~5e-4 off on both paths. Per block: a whole tiny
-    net in float32 is too ill-conditioned to compare (BN over 2 values), and the torch path is checked
-    against the sequential step above in float64."""
+    running statistic, each within 2x the float32 reference's own error (+1e-5 relative).
+
+    Why the bound is what it is: the BN weight gradient sum(g * xhat) nearly cancels (terms of both
+    signs), so every float32 evaluation of it is ~1e-3 off float64, and how far depends on the
+    summation order alone: on the same inputs the torch path is 6.6e-4 off in channels_last and
+    9.9e-4 in NCHW, and the interpreted kernels (numpy reductions) land at 1.3e-3 on an AVX-512 CPU and
+    1.5e-3 on an AVX2 one. The BN statistics themselves (one read, Chan merge) are within 3 ulp of
+    float64, as torch's are. One float32 run is one draw of an order-dependent error, so the
+    reference's error is the largest over three equally valid orders (channels_last, NCHW, the batch
+    reversed), and the bound holds on any x86-64 machine (checked over 6 seeds, AVX-512 and AVX2).
+    Per block: a whole tiny net in float32 is too ill-conditioned to compare (BN over 2 values), and
+    the torch path is checked against the sequential step above in float64."""
+    for name, err_fast, err_ref in _block_errors(want, seed=0):
+        assert err_fast <= 2 * err_ref + 1e-5, (name, err_fast, err_ref)
+
+
+def _block_errors(want, seed):
+    """[(name, fast path's error, reference's error)] against float64 for one block of the batched step."""
     device = kernel_device()
-    torch.manual_seed(3)
+    torch.manual_seed(3 + 100 * seed)
     ref = ofa_mobilenetv3("imagenet", width_mult=0.5, num_classes=10, depths=(1, 2), expand_ratios=(2, 3))
     _perturb_transforms(ref)
     ref = ref.to(device)
-    models = {"fp64": copy.deepcopy(ref).double(), "torch": ref, "triton": copy.deepcopy(ref)}
     pick = {"se_residual": lambda b: b.se is not None and b.residual, "stride2": lambda b: b.stride == 2}[want]
     j = 1 + next(i for i, b in enumerate(ref.blocks) if pick(b))          # plan index: 0 is the first block
-    cfgs = sample_sandwich(ref, "shrink", 4, "random", torch.Generator().manual_seed(1))
+    cfgs = sample_sandwich(ref, "shrink", 4, "random", torch.Generator().manual_seed(1 + seed))
     x = torch.randn(2, 4 * ref.blocks[j - 1].max_in, 6, 6, device=device).to(memory_format=torch.channels_last)
     dy = torch.randn(2, 4 * ref.blocks[j - 1].out, *(3, 3) if want == "stride2" else (6, 6), device=device)
-    results = {}
+    truth = _block_values(copy.deepcopy(ref).double(), cfgs, j, x.double(), dy.double(), "torch")
+    fast = _block_values(copy.deepcopy(ref), cfgs, j, x, dy, "triton")
+    references = [_block_values(copy.deepcopy(ref), cfgs, j, x, dy, "torch"),
+                  _block_values(copy.deepcopy(ref), cfgs, j, x.contiguous(), dy, "torch"),
+                  _block_values(copy.deepcopy(ref), cfgs, j, x, dy, "torch", reverse_batch=True)]
+    return [(name, _rel_max(fast[i][1], value), max(_rel_max(r[i][1], value) for r in references))
+            for i, (name, value) in enumerate(truth)]
+
+
+def _block_values(model, cfgs, j, x, dy, backend_name, reverse_batch=False):
+    """[(name, tensor)] of one block run in fp32-means-fp32: output, input gradient, parameter gradients,
+    buffers. `reverse_batch` runs the images in reverse order (another summation order of the same
+    sums) and puts the output and input gradient back in order."""
+    flip = (lambda t: t.flip(0)) if reverse_batch else (lambda t: t)
     with _strict_fp32():
-        for name, model in models.items():
-            dtype = torch.float64 if name == "fp64" else torch.float32
-            out, gx = _block_run(model, cfgs, j, x.to(dtype), dy.to(dtype), "torch" if name == "fp64" else name)
-            block = model.blocks[j - 1]
-            results[name] = [("out", out), ("grad x", gx)] + [(n, p.grad) for n, p in block.named_parameters()
-                                                              if p.grad is not None] + list(block.named_buffers())
-    for (name, truth), (_, torch32), (_, fast) in zip(*results.values()):
-        err_torch, err_fast = _rel_max(torch32, truth), _rel_max(fast, truth)
-        assert err_fast <= 2 * err_torch + 1e-5, (name, err_fast, err_torch)
+        out, gx = _block_run(model, cfgs, j, flip(x), flip(dy), backend_name)
+    block = model.blocks[j - 1]
+    return ([("out", flip(out)), ("grad x", flip(gx))]
+            + [(n, p.grad) for n, p in block.named_parameters() if p.grad is not None] + list(block.named_buffers()))
 
 
 class _strict_fp32:
