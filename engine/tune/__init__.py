@@ -89,6 +89,7 @@ def tune(settings: Sequence[Settings], device: torch.device, out: Path, progress
         return table
     started = time.perf_counter()
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     journal = runner.Journal(out.with_name(out.name + ".partial"))
     if not can_tune(device):
         log.info("nothing to tune on %s: the reference for all %d signatures", device.type, len(missing))
@@ -135,7 +136,11 @@ def _load_or_tune(cfg, model, device: torch.device) -> Table | None:
         log.info("nothing to tune on %s: the reference implementations everywhere", device.type)
         return None
     path, started = default_path(device), time.perf_counter()
-    table = tune([settings_from_config(cfg, model.spec, device)], device, path, progress=cfg.progress)
+    try:
+        table = tune([settings_from_config(cfg, model.spec, device)], device, path, progress=cfg.progress)
+    except OSError as err:                  # e.g. a read-only cache folder: train, on the reference
+        log.warning("dispatch table %s not written (%s): the reference implementations everywhere", path, err)
+        return None
     log.info("dispatch table %s ready in %.1f s (%d signatures)", path, time.perf_counter() - started,
              len(table.entries))
     return table

@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted: run the same command again to continue")
         return EXIT_INTERRUPTED
+    except OSError as err:
+        log.error("--out %s: %s", out, err)
+        return EXIT_BAD_INPUT
     counts: dict[str, int] = {}
     for entry in table.entries.values():
         counts[entry["choice"]] = counts.get(entry["choice"], 0) + 1
