@@ -164,11 +164,12 @@ def test_a_dying_child_names_the_candidate_and_the_rest_is_tuned(injected, monke
     assert "died" in errors[sigs[0].text]["triton"] and set(ms[sigs[1].text]) == {"torch", "triton"}
 
 
-@pytest.mark.parametrize("content", ["{not json", "foreign"])
+@pytest.mark.parametrize("content", ["{not json", "device", "versions"])
 def test_a_corrupt_or_foreign_table_is_one_warning_and_the_reference(injected, caplog, content):
     path = injected / "t.json"
-    foreign = tables.Table("NVIDIA H200", {"torch": "0"}, entries={"x": {"choice": "triton", "ms": {}}})
-    path.write_text(json.dumps(foreign.to_json()) if content == "foreign" else content)
+    foreign = tables.Table("NVIDIA H200" if content == "device" else "cpu",
+                           {**tables.versions(), "torch": "0"}, entries={"x": {"choice": "triton", "ms": {}}})
+    path.write_text(content if content.startswith("{") else json.dumps(foreign.to_json()))
     cfg = SimpleNamespace(tune=str(path))
     with caplog.at_level(logging.WARNING, logger="engine.tune"):
         assert tune.prepare_for_training(cfg, None, torch.device("cpu"), 0, 1) is None
