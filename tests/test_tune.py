@@ -210,3 +210,20 @@ def test_two_ranks_with_different_timers_use_rank_0s_table(tmp_path):
     first, second = (json.loads((tmp_path / f"choices{r}").read_text()) for r in range(2))
     assert first == second and "triton" in first.values()
     assert not (tmp_path / "cache1").exists()                                   # rank 1 never tuned
+
+
+def test_two_tunes_into_one_folder_take_turns(injected):
+    import fcntl
+    import threading
+
+    folder = injected / "cache"
+    folder.mkdir()
+    fd = os.open(folder, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)                                      # another tune holds the folder
+    other = threading.Thread(target=tune.tune, args=([TINY], torch.device("cpu"), folder / "t.json", False))
+    other.start()
+    other.join(1.0)
+    assert other.is_alive() and not (folder / "t.json").exists()
+    os.close(fd)
+    other.join(60)
+    assert (folder / "t.json").exists()

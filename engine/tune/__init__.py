@@ -9,11 +9,13 @@ unless a timer is injected (`set_timer`, tests).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -75,9 +77,32 @@ def _measure(sigs: list[Signature], device: torch.device, journal: runner.Journa
     bar.close()
 
 
+@contextlib.contextmanager
+def _exclusive(folder: Path) -> Iterator[None]:
+    """One tune at a time per folder (two runs starting together share the cache table): an flock
+    on the folder itself, released by the kernel if the process dies."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another tune writing into %s", folder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def tune(settings: Sequence[Settings], device: torch.device, out: Path, progress: bool = True) -> Table:
     """The table at `out` completed with every signature of `settings` (tuning those it lacks), written
     back to `out`. A table there for another device or versions is replaced (one warning line)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out.parent):
+        return _complete(settings, device, out, progress)
+
+
+def _complete(settings: Sequence[Settings], device: torch.device, out: Path, progress: bool) -> Table:
     table = read_or_none(out, device) or new_table(device)
     wanted: dict[str, Signature] = {}
     for s in settings:
@@ -88,8 +113,6 @@ def tune(settings: Sequence[Settings], device: torch.device, out: Path, progress
     if not missing:
         return table
     started = time.perf_counter()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     journal = runner.Journal(out.with_name(out.name + ".partial"))
     if not can_tune(device):
         log.info("nothing to tune on %s: the reference for all %d signatures", device.type, len(missing))
