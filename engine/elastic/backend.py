@@ -124,10 +124,14 @@ def observe(hook: Callable[[str, torch.Tensor, dict, Callable | None], None]) ->
         _observers.remove(hook)
 
 
+def _on_device(name: str, x: torch.Tensor) -> bool:
+    """Kernels serve CUDA tensors; Triton's also CPU tensors when interpreted (TRITON_INTERPRET=1)."""
+    return x.device.type == "cuda" or (name == "triton" and triton_interpret())
+
+
 def serves(name: str, x: torch.Tensor) -> bool:
-    """Whether backend `name` can run on x's device here (CUDA; Triton also on CPU when interpreted)."""
-    cpu_ok = name == "triton" and triton_interpret()
-    return (x.device.type == "cuda" or cpu_ok) and availability(name)[0]
+    """Whether backend `name` is installed and can run on x's device here."""
+    return _on_device(name, x) and availability(name)[0]
 
 
 def _kernel_covers(op: str, name: str, x: torch.Tensor, limits: dict, explicit: bool) -> bool:
@@ -136,7 +140,7 @@ def _kernel_covers(op: str, name: str, x: torch.Tensor, limits: dict, explicit: 
         if explicit:
             _note_fallback(op, name, "no kernel for this op")
         return False
-    if x.device.type != "cuda" and not (name == "triton" and triton_interpret()):
+    if not _on_device(name, x):
         if explicit:
             _note_fallback(op, name, f"tensors on {x.device.type}")
         return False
