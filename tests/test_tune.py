@@ -174,6 +174,8 @@ def test_a_corrupt_or_foreign_table_is_one_warning_and_the_reference(injected, c
     with caplog.at_level(logging.WARNING, logger="engine.tune"):
         assert tune.prepare_for_training(cfg, None, torch.device("cpu"), 0, 1) is None
     assert len(caplog.records) == 1 and "reference" in caplog.text and dispatch.installed() is None
+    with pytest.raises(ValueError, match="--tune .*no such dispatch table file"):         # before any data is read
+        parse_config(["--tune", str(injected / "missing.json")])
     with pytest.raises(ValueError, match="not a readable file"):
         tune.prepare_for_training(SimpleNamespace(tune=str(injected / "missing.json")), None, torch.device("cpu"), 0, 1)
 

@@ -256,6 +256,8 @@ def _check_paths(cfg: TrainConfig, problems: list[str]) -> None:
                     problems.append(f"--data {cfg.data!r}: no {part}/ ImageFolder tree inside")
     if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         problems.append(f"--out {cfg.out!r}: exists and is not a folder")
+    if cfg.tune not in ("auto", "off") and not Path(cfg.tune).is_file():
+        problems.append(f"--tune {cfg.tune!r}: no such dispatch table file (or auto, off)")
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_file():
         problems.append(f"--resume {cfg.resume!r}: no such checkpoint file")
     if cfg.dali:
