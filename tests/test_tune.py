@@ -4,7 +4,6 @@ table; no timing inside training; the CLI and engine.info."""
 import json
 import logging
 import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
