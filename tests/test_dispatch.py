@@ -1,15 +1,13 @@
-"""Measured dispatch (backend "auto"): timed once per call signature, the fastest kept in memory and in a
-per-device JSON file; a corrupt or foreign file is ignored with a warning; a forced backend is obeyed.
-Deterministic: an injected timer stands in for CUDA events (on the GPU, or on CPU where the Triton
-kernels run in the interpreter)."""
-import json
+"""Dispatch for backend "auto": the installed table's choice runs (a lookup, nothing measured); a signature
+the table lacks, or a choice that cannot serve the call, runs the reference (logged once); a forced
+backend is obeyed; compiled regions run the reference."""
 import logging
 
 import pytest
 import torch
 
-from engine.elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticDepthwiseConv2d, backend
-from engine.elastic.dispatch import DISPATCHER
+import engine.kernels.pointwise as pointwise
+from engine.elastic import ElasticConv2d, backend, dispatch
 
 from helpers import kernel_device
 
@@ -18,21 +16,18 @@ DEVICE = kernel_device()
 
 
 @pytest.fixture
-def timer(monkeypatch, tmp_path):
-    """A timer that says `ms[backend]` and records every call; the cache in a temporary file."""
-    monkeypatch.setenv("ENGINE_DISPATCH_CACHE", str(tmp_path / "dispatch.json"))
-    calls = []
-    ms = {"torch": 2.0, "triton": 1.0, "cuda": 3.0}
+def kernel_calls(monkeypatch):
+    """Calls of the Triton pointwise kernel (which still runs); no table installed afterwards."""
+    calls, real = [], pointwise.pointwise_conv
 
-    def fake(name, run, device):
-        run()                                             # the candidate must really run (fwd + bwd)
-        calls.append(name)
-        return ms[name]
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
 
-    backend.set_timer(fake, devices=(torch.device(DEVICE).type,))
+    monkeypatch.setattr(pointwise, "pointwise_conv", spy)
     backend.set_backend("auto")
-    yield ms, calls, tmp_path / "dispatch.json"
-    backend.set_timer(None)
+    yield calls
+    dispatch.install(None)
 
 
 def _conv():
@@ -41,96 +36,56 @@ def _conv():
     return layer, torch.randn(2, 7, 5, 5, device=DEVICE).to(memory_format=torch.channels_last).requires_grad_()
 
 
-def test_picks_the_fastest_once_and_persists(timer):
-    ms, calls, path = timer
+def _signature(layer, x) -> str:
+    seen = []
+    with backend.observe(lambda sig, *_: seen.append(sig)):
+        layer(x)
+    (sig,) = seen
+    return sig
+
+
+def test_the_table_choice_runs(kernel_calls):
     layer, x = _conv()
-    before = layer.weight.grad
+    sig = _signature(layer, x)
+    assert sig == "pointwise_conv|float32|amp=off|cl|grad|2x7x5x5|9|1|1" and kernel_calls == []   # no table: reference
+    dispatch.install({sig: "triton"})
     y = layer(x)
-    assert set(calls) == {"torch", "triton"} and layer.weight.grad is before     # timing leaves no gradient
-    assert _kernel_used(layer, x) == "triton"
-    layer(x)
-    assert len(calls) == 2                                                      # measured once
-    data = json.loads(path.read_text())
-    (key, entry), = data["choices"].items()
-    assert key.startswith("pointwise_conv|float32|") and entry["choice"] == "triton"
-    assert entry["ms"] == {"torch": 2.0, "triton": 1.0}
-    assert data["device"] == DISPATCHER.device_name(x.device)
-    assert {"torch", "triton", "engine"} <= set(data["versions"])
-    ms["triton"] = 9.0                      # a new process reads the file: no measurement, same choice
-    backend.set_timer(timer_that_fails, devices=(torch.device(DEVICE).type,))
-    fresh, _ = _conv()
-    assert _kernel_used(fresh, x) == "triton"
-    torch.testing.assert_close(y, layer(x))
+    assert kernel_calls == [1]
+    with backend.use_backend("torch"):
+        torch.testing.assert_close(y, layer(x))
+    assert kernel_calls == [1]
 
 
-def timer_that_fails(name, run, device):
-    raise AssertionError("measured again although the choice was cached")
-
-
-def test_the_reference_wins_when_faster_and_without_a_timer(timer):
-    ms, calls, _ = timer
-    ms["torch"] = 0.5
+def test_a_missing_signature_runs_the_reference_logged_once(kernel_calls, caplog):
     layer, x = _conv()
-    assert _kernel_used(layer, x) == "torch"
-    backend.set_timer(None)                 # CPU and the CUDA-event timer: nothing is measured: the prior
-    layer2 = ElasticDepthwiseConv2d(8, (3, 5, 7))
-    assert _kernel_used(layer2, torch.randn(2, 8, 6, 6)) == "torch"     # (CPU tensors even on a GPU machine)
-
-
-@pytest.mark.parametrize("content", ["{not json", json.dumps({"format": 1, "device": "NVIDIA H200",
-                                                                  "versions": {}, "choices": {}})])
-def test_corrupt_or_foreign_cache_is_ignored_with_a_warning(timer, caplog, content):
-    ms, calls, path = timer
-    path.write_text(content)
-    layer, x = _conv()
+    dispatch.install({"some|other|signature": "triton"})
     with caplog.at_level(logging.WARNING, logger="engine.dispatch"):
         layer(x)
-    assert "ignored, it will be rewritten" in caplog.text
-    assert calls and json.loads(path.read_text())["device"] == DISPATCHER.device_name(x.device)
+        layer(x)
+    assert kernel_calls == [] and len(caplog.records) == 1 and "no entry for pointwise_conv" in caplog.text
 
 
-def test_a_forced_backend_is_obeyed_without_measuring(timer):
-    _, calls, _ = timer
-    for name in ("torch", "triton"):
-        backend.set_backend(name)
-        layer, x = _conv()
-        assert _kernel_used(layer, x) == name
-    assert calls == []
+def test_a_choice_that_cannot_serve_the_call_runs_the_reference(kernel_calls):
+    layer, x = _conv()
+    dispatch.install({_signature(layer, x): "cuda"})            # no CUDA kernel for this op
+    layer(x)
+    assert kernel_calls == []
 
 
-def test_batchnorm_measurement_has_no_side_effects(timer):
-    _, calls, _ = timer
-    bn = ElasticBatchNorm2d(16, act="h_swish").to(DEVICE)
-    before = bn.running_mean.clone()
-    x = torch.randn(3, 10, 4, 4, device=DEVICE).to(memory_format=torch.channels_last).requires_grad_()
-    bn(x)
-    assert set(calls) == {"torch", "triton"}
-    ref = ElasticBatchNorm2d(16, act="h_swish").to(DEVICE)
+def test_a_forced_backend_is_obeyed(kernel_calls):
+    layer, x = _conv()
+    dispatch.install({_signature(layer, x): "triton"})
     with backend.use_backend("torch"):
-        ref(x)
-    torch.testing.assert_close(bn.running_mean, ref.running_mean)             # updated exactly once
-    assert not torch.equal(bn.running_mean, before)
+        layer(x)
+    assert kernel_calls == []
+    dispatch.install(None)
+    with backend.use_backend("triton"):
+        layer(x)
+    assert kernel_calls == [1]
 
 
-def test_no_measurement_while_compiling(timer):
-    _, calls, _ = timer
+def test_compiled_regions_run_the_reference(kernel_calls):
     layer, x = _conv()
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    compiled(x)
-    assert calls == []
-
-
-def test_engine_info_prints_the_cached_choices(timer):
-    from engine import info
-
-    layer, x = _conv()
-    layer(x)
-    text = info.report()
-    assert "measured choices" in text and "pointwise_conv|float32" in text and "triton" in text
-
-
-def _kernel_used(layer, x) -> str:
-    """Which implementation `layer` runs for x (the memoised choice)."""
-    layer(x)
-    (choice,) = {v for v in layer._choices.values()}
-    return choice
+    dispatch.install({_signature(layer, x): "triton"})
+    torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    assert kernel_calls == []

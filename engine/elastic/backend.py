@@ -1,17 +1,15 @@
 """The one place that chooses how elastic layers compute: "torch" (reference), "triton" or "cuda".
 
 Selection: `set_backend(name)` or the environment variable ENGINE_BACKEND, with
-name in {"auto", "torch", "triton", "cuda"}. "auto" (the default) is measured: among the reference
-and every kernel that is available and covers the call, the fastest on this device for the call's
-signature (engine/elastic/dispatch.py: timed once, cached in memory and in a per-device JSON file);
-before a measurement exists, and on CPU, the reference. Inside torch.compile'd code "auto" is the
-reference: inductor generates (and fuses) its kernels; a forced backend puts the custom ops there. Triton and CUDA only serve CUDA tensors,
-except that Triton also serves CPU tensors under TRITON_INTERPRET=1 (how CI tests the kernels) when
-asked for by name, or for measurement with an injected timer. An explicitly requested backend that
-is not installed raises; one that does not cover a particular input (a shape, a device) falls back
-to "torch" and logs that once per (op, reason).
-Layers keep each call's choice in a small per-layer memo (`remember`), so the decision is made once
-per (input shape, active setting), not per call.
+name in {"auto", "torch", "triton", "cuda"}. "auto" (the default) runs what the installed dispatch
+table (engine/elastic/dispatch.py, written by `python -m engine.tune` before training) names for the
+call's signature, and the reference when no table is installed or the table has no entry: no call
+ever measures anything. Inside torch.compile'd code "auto" is the reference: inductor generates (and
+fuses) its kernels; a forced backend puts the custom ops there. Triton and CUDA only serve CUDA
+tensors, except that Triton also serves CPU tensors under TRITON_INTERPRET=1 (how CI tests the
+kernels). An explicitly requested backend that is not installed raises; one that does not cover a
+particular input (a shape, a device) falls back to "torch" and logs that once per (op, reason).
+`observe` lets a hook see every call's signature (the tuner's capture, tests' recording).
 """
 from __future__ import annotations
 
@@ -24,13 +22,16 @@ from typing import Callable, Iterator
 
 import torch
 
+from engine.elastic import dispatch
+
 log = logging.getLogger("engine.backend")
 
 BACKENDS = ("torch", "triton", "cuda")
 _CHOICES = ("auto",) + BACKENDS
 _requested: str | None = None  # None: read ENGINE_BACKEND on first use
 _warned: set[tuple[str, str]] = set()
-_generation = 0               # bumped when the backend or the timer changes: per-layer memos expire
+_signatures: dict[tuple, str | None] = {}   # call fingerprint -> signature (None: no kernel covers the call)
+_observers: list[Callable] = []
 
 
 def triton_interpret() -> bool:
@@ -65,15 +66,14 @@ def _version(pkg: str) -> str:
 
 def set_backend(name: str) -> None:
     """Select the backend for all elastic layers ("auto", "torch", "triton", "cuda")."""
-    global _requested, _generation
+    global _requested
     if name not in _CHOICES:
         raise ValueError(f"unknown backend {name!r}; expected one of {_CHOICES}")
     if name != "auto":
         ok, why = availability(name)
         if not ok:
             raise RuntimeError(f"backend {name!r} is not available: {why}")
-    if name != _requested:
-        _requested, _generation = name, _generation + 1
+    _requested = name
 
 
 def get_backend() -> str:
@@ -108,46 +108,39 @@ def _note_fallback(op: str, backend: str, reason: str) -> None:
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def set_timer(timer: Callable | None, devices: tuple[str, ...] = ("cuda",)) -> None:
-    """Measure "auto" choices with `timer(backend, run, device) -> ms` on `devices` (tests inject a
-    deterministic timer on "cpu"); None restores CUDA events on CUDA."""
-    global _generation
-    from engine.elastic.dispatch import DISPATCHER
-
-    DISPATCHER.set_timer(timer, devices)
-    _generation += 1
+def remember(memo: dict, key: tuple, decide: Callable[[], str]) -> str:  # noqa: ARG001
+    """`decide()`. The per-layer memo is no longer needed: `choose` costs a dictionary lookup."""
+    return decide()
 
 
-def remember(memo: dict, key: tuple, decide: Callable[[], str]) -> str:
-    """`decide()` once per `key` (and backend setting) in a layer's `memo`; not while compiling."""
-    if torch.compiler.is_compiling():
-        return decide()
-    full = (_generation, get_backend()) + key
-    choice = memo.get(full)
-    if choice is None:
-        choice = memo[full] = decide()
-    return choice
+@contextlib.contextmanager
+def observe(hook: Callable[[str, torch.Tensor, dict, Callable | None], None]) -> Iterator[None]:
+    """Call `hook(signature, x, limits, measure)` for every backend-"auto" call a kernel covers
+    (by shape and dtype), whatever the table says, while the context is open."""
+    _observers.append(hook)
+    try:
+        yield
+    finally:
+        _observers.remove(hook)
 
 
-def _shape_class(x: torch.Tensor) -> str:
-    """The part of a call signature that comes from the activations: batch rounded up to a power of
-    two, channels to a multiple of 16, the spatial size exact."""
-    dims = list(x.shape)
-    if dims:
-        dims[0] = 1 << max(int(dims[0]) - 1, 0).bit_length()
-    if len(dims) > 1:
-        dims[1] = -(-int(dims[1]) // 16) * 16
-    return "x".join(str(d) for d in dims)
+def _on_device(name: str, x: torch.Tensor) -> bool:
+    """Kernels serve CUDA tensors; Triton's also CPU tensors when interpreted (TRITON_INTERPRET=1)."""
+    return x.device.type == "cuda" or (name == "triton" and triton_interpret())
 
 
-def _kernel_covers(op: str, name: str, x: torch.Tensor, limits: dict, explicit: bool,
-                   measured_here: bool) -> bool:
+def serves(name: str, x: torch.Tensor) -> bool:
+    """Whether backend `name` is installed and can run on x's device here."""
+    return _on_device(name, x) and availability(name)[0]
+
+
+def _kernel_covers(op: str, name: str, x: torch.Tensor, limits: dict, explicit: bool) -> bool:
+    """Whether `name`'s kernel serves this call (an explicit request logs why not)."""
     if name not in limits:
         if explicit:
             _note_fallback(op, name, "no kernel for this op")
         return False
-    cpu_ok = name == "triton" and triton_interpret() and (explicit or measured_here)
-    if x.device.type != "cuda" and not cpu_ok:
+    if not _on_device(name, x):
         if explicit:
             _note_fallback(op, name, f"tensors on {x.device.type}")
         return False
@@ -156,42 +149,49 @@ def _kernel_covers(op: str, name: str, x: torch.Tensor, limits: dict, explicit: 
     if not torch.compiler.is_compiling() and not availability(name)[0]:
         return False
     reason = limits[name]() if x.dtype in KERNEL_DTYPES else f"dtype {x.dtype}"
-    if reason is not None:
+    if reason is not None and explicit:
         _note_fallback(op, name, reason)
     return reason is None
+
+
+def _signature(op: str, x: torch.Tensor, limits: dict, measure: Callable | None, key: tuple) -> str | None:
+    """The call's dispatch-table signature, or None when no kernel covers it by shape and dtype."""
+    if getattr(measure, "__module__", "") == "engine.elastic.grouped" and not op.startswith("grouped_"):
+        op = "grouped_" + op          # the batched sandwich's variant (grouped statistics) of a plain op
+    amp = dispatch.autocast_dtype(x.device.type)
+    grad = torch.is_grad_enabled()
+    fingerprint = (op, x.dtype, tuple(x.shape), x.stride(), grad, amp, key)
+    if fingerprint not in _signatures:
+        covered = x.dtype in KERNEL_DTYPES and any(check() is None for check in limits.values())
+        _signatures[fingerprint] = dispatch.signature_text(
+            op, x.dtype, amp, dispatch.is_channels_last(x), grad, x.shape, key) if covered else None
+    return _signatures[fingerprint]
 
 
 def choose(op: str, x: torch.Tensor, limits: dict[str, Callable[[], str | None]],
            measure: Callable[[], tuple[dict[str, Callable], list[torch.Tensor]]] | None = None,
            key: tuple = ()) -> str:
-    """Pick the backend for one call of `op` on activations `x` (its device and dtype).
+    """The backend that runs one call of `op` on activations `x` (its device, dtype, shape, strides).
 
     `limits` maps a backend name to a function returning None when that backend's kernel covers
-    this call, or the reason it does not. Backends absent from `limits` have no kernel for `op`.
+    this call, or the reason it does not; backends absent from `limits` have no kernel for `op`.
     Every kernel serves float32, float16 and bfloat16 activations (float64 runs the reference).
-    With "auto", `measure()` returns (candidates {backend: side-effect-free callable running the
-    op}, tensors to differentiate for) for timing, called only on the signature's first use; `key`
-    holds the call's settings beyond the activations' shape and dtype (stride, kernel size, widths).
+    `measure()` returns (candidates {backend: side-effect-free callable running the op}, tensors
+    to differentiate for): the tuner times those (engine/tune); here it is only handed to observers.
+    `key` holds the call's settings beyond the activations (widths, kernel size, stride, activation).
+    With "auto" the choice is the dispatch table's entry for the call's signature (a lookup).
     """
     requested = get_backend()
     if requested == "torch":
         return "torch"
     if requested != "auto":
-        return requested if _kernel_covers(op, requested, x, limits, True, False) else "torch"
+        return requested if _kernel_covers(op, requested, x, limits, True) else "torch"
     if torch.compiler.is_compiling():
         return "torch"              # a compiled region: the reference ops, which inductor generates and fuses
-    from engine.elastic.dispatch import DISPATCHER
-
-    measured_here = measure is not None and DISPATCHER.can_measure(x)
-    kernels = [n for n in ("triton", "cuda") if _kernel_covers(op, n, x, limits, False, measured_here)]
-    if not kernels or measure is None:
+    signature = _signature(op, x, limits, measure, key)
+    if signature is None:
         return "torch"
-    signature = "|".join([op, str(x.dtype).removeprefix("torch."), _shape_class(x), *map(str, key)])
-    cached = DISPATCHER.cached(signature, x.device)
-    if cached is not None:
-        return cached if cached == "torch" or cached in kernels else "torch"
-    if not measured_here:
-        return "torch"                                  # the prior until this device measures it
-    candidates, grad_inputs = measure()
-    return DISPATCHER.measure(signature, x.device, {k: v for k, v in candidates.items()
-                                                   if k == "torch" or k in kernels}, grad_inputs)
+    for hook in _observers:
+        hook(signature, x, limits, measure)
+    choice = dispatch.lookup(signature)
+    return choice if choice != "torch" and _kernel_covers(op, choice, x, limits, False) else "torch"

@@ -66,7 +66,9 @@ class TrainConfig:
     skip_corrupt: bool = _opt(False, "verify every image file up front and leave out unreadable ones (and, with "
                                      "--dali, non-JPEG ones) from training, BN calibration and evaluation")
     sandwich: str = _opt("auto", "sequential, batched (all K subnets in one pass), or auto (sequential)")
-    backend: str = _opt("auto", "elastic-layer backend: auto (measured per op), torch, triton or cuda")
+    backend: str = _opt("auto", "elastic-layer backend: auto (the tuned dispatch table), torch, triton or cuda")
+    tune: str = _opt("auto", "dispatch table for backend auto: auto (load the cached table, tune what it lacks "
+                             "before step 0), off (the reference everywhere) or PATH (this table only)")
     compile: str = _opt("auto", "torch.compile: off, teacher (the max-net phase as one graph), blocks (each "
                                 "MBConv block per variant), all; auto = teacher on CUDA, off on CPU")
     compile_backend: str = _opt("inductor", "torch.compile backend (inductor; aot_eager to debug)")
@@ -155,9 +157,9 @@ def _read_config_file(path: str) -> dict[str, Any]:
     return data
 
 
-def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
+def parse_config(argv: Sequence[str] | None = None, check_paths: bool = True) -> TrainConfig:
     """Build the run's TrainConfig from flags, an optional config file and the dataset's defaults, and
-    validate it (ValueError listing every problem)."""
+    validate it (ValueError listing every problem; `check_paths` False: not the data/out/resume paths)."""
     args = vars(_parser().parse_args(argv))
     file_values = _read_config_file(args.pop("config")) if args.get("config") else {}
     cli = {k: v for k, v in args.items() if v is not None}
@@ -167,11 +169,11 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     cfg = TrainConfig(**{**DATASET_DEFAULTS[dataset], **file_values, **cli})
     if cfg.out is None:
         cfg.out = f"runs/{cfg.method}-{cfg.dataset}"
-    validate(cfg)
+    validate(cfg, check_paths)
     return cfg
 
 
-def validate(cfg: TrainConfig) -> None:
+def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
     """Check every setting any phase of the run will need; ValueError naming each bad flag and value."""
     problems: list[str] = []
 
@@ -233,7 +235,8 @@ def validate(cfg: TrainConfig) -> None:
         need(cfg.batch_size * side * side >= 2, "batch_size",
              f"with --resolution {cfg.resolution} the last stage is {side}x{side}: batch norm needs at least 2 "
              "values per channel, so use a larger batch or resolution")
-    _check_paths(cfg, problems)
+    if check_paths:
+        _check_paths(cfg, problems)
     if problems:
         raise ValueError("invalid settings:\n  " + "\n  ".join(problems))
 
@@ -253,6 +256,8 @@ def _check_paths(cfg: TrainConfig, problems: list[str]) -> None:
                     problems.append(f"--data {cfg.data!r}: no {part}/ ImageFolder tree inside")
     if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         problems.append(f"--out {cfg.out!r}: exists and is not a folder")
+    if cfg.tune not in ("auto", "off") and not Path(cfg.tune).is_file():
+        problems.append(f"--tune {cfg.tune!r}: no such dispatch table file (or auto, off)")
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_file():
         problems.append(f"--resume {cfg.resume!r}: no such checkpoint file")
     if cfg.dali:

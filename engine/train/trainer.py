@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from engine import tune
 from engine.data.loader import calibration_batches, load_data, shard_loader, steps_per_epoch, train_loader
 from engine.elastic import set_backend
 from engine.eval.evaluate import evaluate_subnets
@@ -34,7 +35,7 @@ from engine.train.schedule import cosine_lr, make_plan, subnet_beta
 log = logging.getLogger("engine.train")
 # fields that may change between an interrupted run and its resumption
 RESUMABLE_DIFFERENCES = {"resume", "max_steps", "progress", "workers", "out", "backend", "log_every",
-                         "max_bad_steps", "compile", "compile_backend", "cuda_graphs"}
+                         "max_bad_steps", "compile", "compile_backend", "cuda_graphs", "tune"}
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -211,6 +212,7 @@ def run(cfg: TrainConfig) -> dict:
             "elapsed_seconds": elapsed_before + time.perf_counter() - run_start,
             "config": cfg.to_dict(), "arch": model.spec.to_dict()}, ckpt_path)
 
+    tune.prepare_for_training(cfg, model, device, rank, world)   # the dispatch table, the same on every rank
     stop = _Stop()
     stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
     run_start = time.perf_counter()
