@@ -1,6 +1,8 @@
 """The benchmarks run end to end on a CPU (smoke: timings are labelled CPU and never asserted)."""
 import json
 
+import pytest
+
 from bench import grouped, layers, run_throughput
 
 
@@ -73,6 +75,7 @@ def test_loader_throughput_smoke(capsys):
     assert "imagefolder_224px" in out and "arrays_32px" in out
 
 
+@pytest.mark.cpu_only
 def test_gpu_suite_cpu_smoke(tmp_path):
     """The GPU suite's CPU path: every step runs or is skipped with a reason, at most 8 files, labelled CPU."""
     from bench import gpu_suite

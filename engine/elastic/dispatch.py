@@ -57,16 +57,15 @@ class Dispatcher:
         self._entries, self._loaded_for = {}, None
 
     def can_measure(self, x: torch.Tensor) -> bool:
-        if x.device.type not in self._measured_devices or torch.compiler.is_compiling():
-            return False
-        if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return False
-        return not _is_fake(x)
+        if x.device.type not in self._measured_devices or torch.compiler.is_compiling() or _is_fake(x):
+            return False                            # (fake first: a fake CUDA tensor needs no CUDA runtime)
+        return not (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
     # ---- the cache file ------------------------------------------------------------------------
     @staticmethod
     def device_name(device: torch.device) -> str:
-        return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        real_cuda = device.type == "cuda" and torch.cuda.is_available()   # else a fake CUDA device: no runtime
+        return torch.cuda.get_device_name(device) if real_cuda else device.type
 
     @staticmethod
     def path(device_name: str) -> Path:
