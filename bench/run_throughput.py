@@ -255,6 +255,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile", metavar="DIR", help="write a torch.profiler chrome trace per measurement")
     p.add_argument("--out", metavar="DIR", help="write throughput.json there (default bench/results/)")
     p.add_argument("--no-save", action="store_true", help="write no JSON")
+    p.add_argument("--no-op-counts", action="store_true",
+                   help="leave out the host-work and modelled-traffic figures (bench/op_counts.py: minutes on a CPU)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.variants is None:
@@ -278,14 +280,17 @@ def main(argv=None) -> int:
     for net in args.nets:
         for phase in args.phases:
             measure(args, device, net, phase, budget, save)
-    if budget.spent():
-        payload["dispatched_ops"] = {"skipped": "--max-seconds budget spent"}
+    if args.no_op_counts:
+        payload["host_work_and_traffic"] = {"skipped": "--no-op-counts"}
+    elif budget.spent():
+        payload["host_work_and_traffic"] = {"skipped": "--max-seconds budget spent"}
     else:
         from bench.op_counts import all_counts
 
-        payload["dispatched_ops"] = all_counts()      # host work per 4-subnet step (counted on the CPU)
-        progress("dispatched ops per 4-subnet step: " + ", ".join(
-            f"{k} {v['ops']}" for k, v in payload["dispatched_ops"].items() if k != "anchors"))
+        counts = payload["host_work_and_traffic"] = all_counts()   # fake tensors at b128, 224 px (bench/op_counts.py)
+        shrink = counts["phases"]["shrink"]
+        progress("shrink step, launches per step: " + ", ".join(f"{k} {v['launches']}" for k, v in shrink.items())
+                 + "; modelled GB: " + ", ".join(f"{k} {v['gb']:.0f}" for k, v in shrink.items()))
     print("\n".join(table(rows, args.variants)))
     for dataset, per_variant in payload["projected_hours"].items():
         print(f"projected {label} hours, full DεpS on {dataset}: "
