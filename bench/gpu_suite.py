@@ -6,18 +6,28 @@ On an H100/H200 it takes at most 8 minutes wall from cold (empty Triton and indu
 extension not built). Steps, each in its own subprocess under its own time budget (a step that ends
 early passes its spare time on; one that overruns is killed, reported, and costs nothing after it):
   env         `python -m engine.info`, nvidia-smi, versions
-  build       the CUDA extension (`setup.py build_ext --inplace`), in the background from the start
+  build       the CUDA extension (`setup.py build_ext` into a temporary folder), in the background from the start
+  op_counts   bench/op_counts.py (host work and modelled HBM traffic: fake tensors, CPU only), in the
+              background from the start; its figures go into suite.json
+  tune        `python -m engine.tune ... --out <out>/tune.json` FIRST (the production dispatch table;
+              "skipped: engine.tune not available" where this checkout has no tuner)
   tests       the GPU tier of the tests (`pytest -m gpu_tier`, TRITON_INTERPRET=0), <= 3 minutes
-  throughput  bench/run_throughput.py: both nets, teacher and shrink, every variant
+  throughput  bench/run_throughput.py: both nets, teacher and shrink, every variant, the engine's variants
+              on the tune step's table
   layers      bench/layers.py (with the `cuda` variant when the build has finished)
   cuda_ext    tests/test_cuda_ext.py, once the build has finished
   grouped     bench/grouped.py
   loader      bench/loader_throughput.py, when nvidia-dali imports
 It writes at most 8 files into --out: suite.json (device, versions, date, command, each step's status,
-seconds and summary, the final table), suite.log (everything the steps printed), tests.json,
-throughput.json, layers.json, grouped.json, loader.json, dispatch.json (the measured backend choices).
-The same command on a machine without a GPU is a CPU smoke test of seconds (reference paths only, tiny
-sizes, tests and build skipped), labelled CPU; CI runs it.
+seconds and summary, the final table, the host-work and modelled-traffic figures), suite.log (everything
+the steps printed), tests.json, throughput.json, layers.json, grouped.json, loader.json and tune.json (the
+dispatch table every later step runs with). Nothing is written
+into the source tree: without an install, `engine.kernels` (the top-level kernels/ folder) and the
+freshly built `engine._C` are mapped by an import hook (a sitecustomize.py in a temporary folder on the
+steps' PYTHONPATH); bytecode goes to that folder too.
+The same command on a machine without a GPU is a CPU smoke test (reference paths, tiny sizes), labelled
+CPU; CI runs it. It still runs what a GPU run would meet first: test collection and one test of the GPU
+tier with its JUnit report parsed, and the build plumbing (with ENGINE_NO_CUDA=1: nothing compiled).
 """
 from __future__ import annotations
 
@@ -28,6 +38,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
@@ -40,20 +51,51 @@ sys.path.insert(0, str(ROOT))
 from bench.common import environment, progress, write_json  # noqa: E402
 
 # (step, nominal budget in seconds on a GPU); the order they run in. The build runs beside them.
-GPU_STEPS = (("env", 15), ("tests", 180), ("throughput", 120), ("layers", 50), ("cuda_ext", 25),
-             ("grouped", 25), ("loader", 35))
-TOTAL_SECONDS = 470          # the 8 minutes, less start-up and the final table
+GPU_STEPS = (("env", 10), ("tune", 90), ("tests", 140), ("throughput", 120), ("layers", 40), ("cuda_ext", 20),
+             ("grouped", 20), ("loader", 25))
+TOTAL_SECONDS = 455          # the 8 minutes, less start-up and the final table
 STARTUP_SECONDS = 12         # a subprocess's Python, torch and triton imports before it measures anything
 
 
+_SITECUSTOMIZE = """import importlib.abc, importlib.machinery, importlib.util, os, sys
+_MAP = {{"engine.kernels": {kernels!r}}}
+_LIB = {lib!r}
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name in _MAP and not any(os.path.isdir(os.path.join(p, "kernels")) for p in path or []):
+            folder = _MAP[name]
+            return importlib.util.spec_from_file_location(name, os.path.join(folder, "__init__.py"),
+                                                          submodule_search_locations=[folder])
+        if name == "engine._C" and os.path.isdir(os.path.join(_LIB, "engine")):
+            return importlib.machinery.PathFinder.find_spec("_C", [os.path.join(_LIB, "engine")])
+        return None
+
+
+sys.meta_path.insert(0, _Finder())
+"""
+
+
+def import_shim(folder: Path) -> dict:
+    """Environment variables that make `engine.kernels` (the top-level kernels/ folder, when this tree
+    is not installed) and an `engine._C` built into folder/lib importable without writing into the
+    source tree: a sitecustomize.py in `folder` on PYTHONPATH; bytecode goes under `folder` too."""
+    (folder / "sitecustomize.py").write_text(_SITECUSTOMIZE.format(kernels=str(ROOT / "kernels"),
+                                                                   lib=str(folder / "lib")))
+    path = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "PYTHONPYCACHEPREFIX": str(folder / "pycache")}
+
+
 class Suite:
-    def __init__(self, out: Path, gpu: bool, total: float) -> None:
-        self.out, self.gpu = out, gpu
+    def __init__(self, out: Path, gpu: bool, total: float, scratch: Path) -> None:
+        self.out, self.gpu, self.scratch = out, gpu, scratch
         self.deadline = time.monotonic() + total
         self.log = open(out / "suite.log", "w")
         self.steps: dict[str, dict] = {}
         self.tests: dict[str, dict] = {}              # pytest reports per test step (tests.json)
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1", ENGINE_DISPATCH_CACHE=str(out / "dispatch.json"))
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", ENGINE_CACHE_DIR=str(scratch / "cache"),
+                        **import_shim(scratch))
         if gpu:
             self.env["TRITON_INTERPRET"] = "0"
         else:
@@ -101,18 +143,22 @@ def _environment(suite: Suite) -> dict:
     return env
 
 
-def _start_build(suite: Suite) -> subprocess.Popen | None:
-    """The CUDA extension build for this GPU's architecture, in the background (None: not built here)."""
-    if not suite.gpu:
-        suite.skip("build", "no CUDA device")
-        return None
-    major, minor = torch.cuda.get_device_capability()
-    env = dict(suite.env, TORCH_CUDA_ARCH_LIST=f"{major}.{minor}", MAX_JOBS=str(max(1, (os.cpu_count() or 2) - 2)))
+def _start_build(suite: Suite) -> subprocess.Popen:
+    """The CUDA extension build for this GPU's architecture into the scratch folder (lib/engine/_C*.so,
+    mapped by the import shim), in the background. Without a GPU the same plumbing runs with
+    ENGINE_NO_CUDA=1 (nothing is compiled; the step reports itself skipped)."""
+    env = dict(suite.env, MAX_JOBS=str(max(1, (os.cpu_count() or 2) - 2)))
+    if suite.gpu:
+        major, minor = torch.cuda.get_device_capability()
+        env["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+    else:
+        env["ENGINE_NO_CUDA"] = "1"
     env.setdefault("CUDA_HOME", "/usr/local/cuda")
-    log = open(suite.out / "build.log.tmp", "w")
+    log = open(suite.scratch / "build.log", "w")
     suite.build_started = time.monotonic()
-    return subprocess.Popen([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+    cmd = [sys.executable, "setup.py", "-q", "build", "--build-base", str(suite.scratch / "build"), "build_ext",
+           "--build-lib", str(suite.scratch / "lib")]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _finish_build(suite: Suite, build: subprocess.Popen | None, wait: float) -> bool:
@@ -124,17 +170,63 @@ def _finish_build(suite: Suite, build: subprocess.Popen | None, wait: float) -> 
     except subprocess.TimeoutExpired:
         suite.steps["build"] = {"status": "still running", "seconds": round(time.monotonic() - suite.build_started, 1)}
         return False
-    tmp = suite.out / "build.log.tmp"
-    suite.log.write("\n===== build (background)\n" + tmp.read_text())
-    tmp.unlink()
-    built = build.returncode == 0 and any((ROOT / "engine").glob("_C*.so"))
-    suite.steps["build"] = {"status": "ok" if built else f"failed (exit {build.returncode})",
-                            "seconds": round(time.monotonic() - suite.build_started, 1)}
+    suite.log.write("\n===== build (background)\n" + (suite.scratch / "build.log").read_text())
+    built = build.returncode == 0 and any((suite.scratch / "lib" / "engine").glob("_C*.so"))
+    status = "ok" if built else f"failed (exit {build.returncode})"
+    if not suite.gpu and build.returncode == 0:
+        status = "skipped: no CUDA device (build plumbing ran with ENGINE_NO_CUDA=1)"
+    suite.steps["build"] = {"status": status, "seconds": round(time.monotonic() - suite.build_started, 1)}
     return built
 
 
+def _start_op_counts(suite: Suite) -> subprocess.Popen | None:
+    """bench/op_counts.py in the background (fake tensors on the host's CPU cores; no GPU time). Not in
+    the CPU smoke run: it takes minutes on two cores, and tests/test_host_work.py runs it in CI."""
+    if not suite.gpu:
+        suite.skip("op_counts", "CPU smoke run (tests/test_host_work.py covers it)")
+        return None
+    cmd = [sys.executable, "bench/op_counts.py", "--json", str(suite.scratch / "op_counts.json")]
+    suite.op_counts_started = time.monotonic()
+    return subprocess.Popen(cmd, cwd=ROOT, env=suite.env, stdout=open(suite.scratch / "op_counts.log", "w"),
+                            stderr=subprocess.STDOUT)
+
+
+def _finish_op_counts(suite: Suite, counts: subprocess.Popen | None) -> dict:
+    """The op_counts figures (waiting at most 30 s more for them), its output added to suite.log."""
+    if counts is None:
+        return {}
+    try:
+        counts.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        counts.kill()
+        counts.wait()
+    suite.log.write("\n===== op_counts (background)\n" + (suite.scratch / "op_counts.log").read_text())
+    path = suite.scratch / "op_counts.json"
+    ok = counts.returncode == 0 and path.exists()
+    seconds = round(time.monotonic() - suite.op_counts_started, 1)
+    suite.steps["op_counts"] = {"status": "ok" if ok else f"failed (exit {counts.returncode})", "seconds": seconds}
+    return json.loads(path.read_text()) if ok else {}
+
+
+def _tune(suite: Suite, budget: float) -> None:
+    """The production dispatch table, measured first so every later step uses it."""
+    if importlib.util.find_spec("engine.tune") is None:
+        suite.skip("tune", "engine.tune not available")
+    elif not suite.gpu:
+        suite.skip("tune", "no CUDA device")
+    else:
+        suite.run("tune", [sys.executable, "-m", "engine.tune", "--dataset", "imagenet", "--batch-size", "128",
+                           "--resolution", "224", "--amp", "--channels-last", "--out", str(suite.out / "tune.json")],
+                  budget)
+
+
 def _tests(suite: Suite, budget: float, paths: list[str], name: str) -> None:
-    xml = suite.out / f"{name}.xml.tmp"
+    """pytest -m gpu_tier on `paths`, its JUnit report parsed into suite.tests[name]. Without a GPU:
+    one test of the tier, from one file (the command, its selection, the run and the report's parsing
+    still happen; CI collects the whole suite anyway)."""
+    xml = suite.scratch / f"{name}.xml"
+    if not suite.gpu:
+        paths = ["-k", "test_ops_pass_opcheck", "tests/test_kernels.py"]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu_tier", f"--junitxml={xml}",
            "--durations=10", *paths]
     # one config per kernel (tests/test_kernel_configs.py runs every config once): autotuning would
@@ -142,7 +234,6 @@ def _tests(suite: Suite, budget: float, paths: list[str], name: str) -> None:
     step = suite.run(name, cmd, budget, env={"ENGINE_AUTOTUNE": "0"})
     if xml.exists():
         report = _junit(xml)
-        xml.unlink()
         step["summary"] = f"{report['passed']} passed, {report['failed']} failed, {report['skipped']} skipped"
         suite.tests[name] = report
 
@@ -217,9 +308,44 @@ def _summaries(suite: Suite) -> list[str]:
     return lines
 
 
+def _step(suite: Suite, name: str, build: subprocess.Popen | None, built: bool) -> bool:
+    """Run step `name` of GPU_STEPS (after env); returns whether the CUDA extension is built."""
+    budget = suite.budget(name)
+    gpu = suite.gpu
+    if name == "tune":
+        _tune(suite, budget)
+    elif name == "tests":
+        _tests(suite, budget, ["--ignore=tests/test_cuda_ext.py", "tests"], "tests")
+    elif name == "throughput":
+        _bench(suite, name, "run_throughput.py", ["--nets", "imagenet", "cifar", "--steps", "10", "--warmup", "3",
+                                                  "--no-op-counts", "--tune", str(suite.out / "tune.json")]
+               if gpu else
+               ["--device", "cpu", "--nets", "cifar", "--batch", "2", "--steps", "1", "--warmup", "0",
+                "--subnets", "2", "--variants", "ofa_cl", "ours", "--no-op-counts"], budget)
+    elif name == "layers":
+        built = _finish_build(suite, build, wait=0 if not gpu else min(30.0, budget / 3))
+        _bench(suite, name, "layers.py", [] if gpu else ["--device", "cpu", "--batch", "1"],
+               suite.budget(name))
+    elif name == "cuda_ext":
+        built = built or _finish_build(suite, build, wait=0)
+        if built:
+            _tests(suite, budget, ["tests/test_cuda_ext.py"], "cuda_ext")
+        else:
+            suite.skip("cuda_ext", "the CUDA extension is not built" if gpu else "no CUDA device")
+    elif name == "grouped":
+        _bench(suite, name, "grouped.py", [] if gpu else ["--device", "cpu", "--batch", "1"], budget)
+    elif name == "loader":
+        if importlib.util.find_spec("nvidia.dali") is None:
+            suite.skip("loader", "nvidia-dali does not import")
+        else:
+            _bench(suite, name, "loader_throughput.py", [] if gpu else
+                   ["--images", "16", "--batch", "8", "--epochs", "1", "--workers", "1"], budget)
+    return built
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="folder for the (at most 8) result files; created if missing")
+    p.add_argument("--out", required=True, help="folder for the (at most 9) result files; created if missing")
     p.add_argument("--total-seconds", type=float, default=TOTAL_SECONDS, help="wall-clock budget of the whole suite")
     p.add_argument("--skip", nargs="+", default=[], choices=[s for s, _ in GPU_STEPS if s != "env"] + ["build"],
                    help="steps not to run")
@@ -227,13 +353,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.is_available()
-    suite = Suite(out, gpu, args.total_seconds)
-    if importlib.util.find_spec("engine.kernels") is None and (ROOT / "kernels").is_dir():
-        (ROOT / "engine" / "kernels").symlink_to(ROOT / "kernels")   # a plain copy of the tree: map engine.kernels
+    with tempfile.TemporaryDirectory(prefix="gpu-suite-") as scratch:
+        return _run(Suite(out, gpu, args.total_seconds, Path(scratch)), args)
+
+
+def _run(suite: Suite, args: argparse.Namespace) -> int:
+    out, gpu = suite.out, suite.gpu
     env = _environment(suite)
     label = "GPU" if gpu else "CPU smoke (reference paths, tiny sizes; not comparable with GPU figures)"
     progress(f"GPU suite on {env['device']} [{label}] -> {out}")
     build = None if "build" in args.skip else _start_build(suite)
+    counts = _start_op_counts(suite)
     if build is None and "build" in args.skip:
         suite.skip("build", "--skip")
     steps = [s for s, _ in GPU_STEPS[1:] if s not in args.skip]
@@ -241,47 +371,22 @@ def main(argv: list[str] | None = None) -> int:
         suite.skip(skipped, "--skip")
     built = False
     for name in steps:
-        budget = suite.budget(name)
-        if name == "tests":
-            if gpu:
-                _tests(suite, budget, ["--ignore=tests/test_cuda_ext.py", "tests"], "tests")
-            else:
-                suite.skip("tests", "no CUDA device (CI runs the CPU tier)")
-        elif name == "throughput":
-            _bench(suite, name, "run_throughput.py", ["--nets", "imagenet", "cifar", "--steps", "10", "--warmup", "3"]
-                   if gpu else
-                   ["--device", "cpu", "--nets", "cifar", "--batch", "2", "--steps", "1", "--warmup", "0",
-                    "--subnets", "2", "--variants", "ofa_cl", "ours"], budget)
-        elif name == "layers":
-            built = _finish_build(suite, build, wait=0 if not gpu else min(30.0, budget / 3))
-            _bench(suite, name, "layers.py", [] if gpu else ["--device", "cpu", "--batch", "1"],
-                   suite.budget(name))
-        elif name == "cuda_ext":
-            built = built or _finish_build(suite, build, wait=0)
-            if built:
-                _tests(suite, budget, ["tests/test_cuda_ext.py"], "cuda_ext")
-            else:
-                suite.skip("cuda_ext", "the CUDA extension is not built" if gpu else "no CUDA device")
-        elif name == "grouped":
-            _bench(suite, name, "grouped.py", [] if gpu else ["--device", "cpu", "--batch", "1"], budget)
-        elif name == "loader":
-            if importlib.util.find_spec("nvidia.dali") is None:
-                suite.skip("loader", "nvidia-dali does not import")
-            else:
-                _bench(suite, name, "loader_throughput.py", [] if gpu else
-                       ["--images", "16", "--batch", "8", "--epochs", "1", "--workers", "1"], budget)
+        built = _step(suite, name, build, built)
     if build is not None and build.poll() is None:
         build.kill()
         _finish_build(suite, build, wait=5)
+    host_work = _finish_op_counts(suite, counts)
     if suite.tests:
         (out / "tests.json").write_text(json.dumps(suite.tests, indent=2))
     lines = _summaries(suite)
+    if host_work.get("targets"):
+        lines.append("host work and modelled traffic (bench/op_counts.py): " + json.dumps(host_work["targets"]))
     table = [f"{'step':11s} {'status':40s} {'seconds':>8s}  summary"]
     table += [f"{name:11s} {s['status'][:40]:40s} {s['seconds']:8.1f}  {s.get('summary', '')}"
               for name, s in suite.steps.items()]
     suite.log.close()
     payload = {"env": env, "label": label, "steps": suite.steps, "table": table, "results": lines,
-               "files": sorted(p.name for p in out.iterdir())}
+               "host_work_and_traffic": host_work, "files": sorted(p.name for p in out.iterdir())}
     write_json("suite", payload, out)
     print("\n".join(table + [""] + lines), flush=True)
     failed = [n for n, s in suite.steps.items() if s["status"].startswith(("failed", "timeout"))]

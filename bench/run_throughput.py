@@ -236,6 +236,19 @@ def table(rows: list[dict], variants: list[str]) -> list[str]:
     return lines
 
 
+def install_table(tune: str, device: torch.device) -> str:
+    """Install the dispatch table `tune` names (a path, 'auto': this device's cached table if any, 'off');
+    returns what was installed, for the JSON. A table the tuner would refuse (other device or versions,
+    corrupt) is a warning and the reference, as in training."""
+    from engine.elastic import dispatch
+    from engine.tune.table import default_path, read_or_none
+
+    path = default_path(device) if tune == "auto" else None if tune == "off" else Path(tune)
+    table = read_or_none(path, device) if path is not None else None
+    dispatch.install(table.choices() if table is not None else None)
+    return f"{path} ({len(table.entries)} signatures)" if table is not None else "none: the reference everywhere"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -255,6 +268,11 @@ def main(argv=None) -> int:
     p.add_argument("--profile", metavar="DIR", help="write a torch.profiler chrome trace per measurement")
     p.add_argument("--out", metavar="DIR", help="write throughput.json there (default bench/results/)")
     p.add_argument("--no-save", action="store_true", help="write no JSON")
+    p.add_argument("--tune", metavar="PATH", default="auto",
+                   help="dispatch table the engine's variants run with (python -m engine.tune): a file, 'auto' (this "
+                        "device's cached table when there is one) or 'off' (the reference everywhere)")
+    p.add_argument("--no-op-counts", action="store_true",
+                   help="leave out the host-work and modelled-traffic figures (bench/op_counts.py: minutes on a CPU)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.variants is None:
@@ -262,6 +280,7 @@ def main(argv=None) -> int:
     args.amp = device.type == "cuda" if args.amp is None else args.amp
     budget = Budget(args.max_seconds)
     env = environment(device)
+    env["dispatch_table"] = install_table(args.tune, device)
     label = "GPU" if device.type == "cuda" else "CPU (not comparable with GPU figures)"
     rows: list[dict] = []
     payload = {"env": env, "args": vars(args), "rows": rows, "paper": PAPER,
@@ -278,14 +297,17 @@ def main(argv=None) -> int:
     for net in args.nets:
         for phase in args.phases:
             measure(args, device, net, phase, budget, save)
-    if budget.spent():
-        payload["dispatched_ops"] = {"skipped": "--max-seconds budget spent"}
+    if args.no_op_counts:
+        payload["host_work_and_traffic"] = {"skipped": "--no-op-counts"}
+    elif budget.spent():
+        payload["host_work_and_traffic"] = {"skipped": "--max-seconds budget spent"}
     else:
         from bench.op_counts import all_counts
 
-        payload["dispatched_ops"] = all_counts()      # host work per 4-subnet step (counted on the CPU)
-        progress("dispatched ops per 4-subnet step: " + ", ".join(
-            f"{k} {v['ops']}" for k, v in payload["dispatched_ops"].items() if k != "anchors"))
+        counts = payload["host_work_and_traffic"] = all_counts()   # fake tensors at b128, 224 px (bench/op_counts.py)
+        shrink = counts["phases"]["shrink"]
+        progress("shrink step, launches per step: " + ", ".join(f"{k} {v['launches']}" for k, v in shrink.items())
+                 + "; modelled GB: " + ", ".join(f"{k} {v['gb']:.0f}" for k, v in shrink.items()))
     print("\n".join(table(rows, args.variants)))
     for dataset, per_variant in payload["projected_hours"].items():
         print(f"projected {label} hours, full DεpS on {dataset}: "

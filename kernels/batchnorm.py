@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (autocast_input, autotune, batchnorm_autograd, empty_nchw_channels_last, prune_blocks, rows,
-                     size_class, splits)
+from .common import (autocast_input, autotune, batchnorm_autograd, empty_nchw_channels_last, program_id, prune_blocks,
+                     rows, size_class, splits, wide_index)
 
 ACT_CODE = {"none": 0, "relu": 1, "h_swish": 2}
 SPLIT_MOMENTS, GRAD_SUMS = 0, 2
@@ -68,12 +68,12 @@ def _activate_grad(z, ACT: tl.constexpr):
 @autotune(_REDUCE_SPACE, DEFAULT, key=["M_CLASS", "C"], prune=prune_blocks({"BLOCK_C": "C"}))
 @triton.jit
 def _reduce_kernel(x_ptr, gy_ptr, mean_ptr, scale_ptr, shift_ptr, rstd_ptr, out_ptr, M, C, rows_per_split, M_CLASS,
-                   MODE: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                   MODE: tl.constexpr, ACT: tl.constexpr, WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per-channel partials over this split's rows into out (2, splits, C).
     MODE 0: the split's mean and sum of squared deviations from it, tile by tile with Chan's merge
     (one read, as accurate as two passes) | 2: sum g and sum g * xhat (g = dy * act'(z))."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    split, n_splits = tl.program_id(1), tl.num_programs(1)
+    split, n_splits = program_id(1, WIDE), tl.num_programs(1)
     cm = c < C
     if MODE == 0:
         mean_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -116,9 +116,9 @@ def _reduce_kernel(x_ptr, gy_ptr, mean_ptr, scale_ptr, shift_ptr, rstd_ptr, out_
 @triton.jit
 def _apply_kernel(x_ptr, gy_ptr, out_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, sum_g_ptr, sum_gx_ptr, res_ptr,
                   M, C, M_CLASS, BACKWARD: tl.constexpr, TRAINING: tl.constexpr, ACT: tl.constexpr,
-                  HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                  HAS_RES: tl.constexpr, WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """Forward: out = act(x * scale + shift) [+ residual]. Backward: out = dx from the reduce pass's sums."""
-    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m = program_id(0, WIDE) * BLOCK_M + tl.arange(0, BLOCK_M)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     mask = (m < M)[:, None] & cm[None, :]
@@ -168,7 +168,7 @@ def _reduce(mode: int, x2: torch.Tensor, gy2=None, mean=None, scale=None, shift=
     _reduce_kernel[lambda meta: (triton.cdiv(c, meta["BLOCK_C"]), split)](
         x2, gy2 if gy2 is not None else x2, mean if mean is not None else out, scale if scale is not None else out,
         shift if shift is not None else out, rstd if rstd is not None else out, out, m, c, per_split,
-        size_class(m), MODE=mode, ACT=act)
+        size_class(m), MODE=mode, ACT=act, WIDE=wide_index(x2, gy2))
     if mode != SPLIT_MOMENTS:
         return out.sum(1)
     counts = torch.full((split, 1), float(per_split), device=x2.device)
@@ -185,7 +185,8 @@ def _apply(x2, out2, scale, shift, act, gy2=None, mean=None, rstd=None, sums=Non
         x2, gy2 if gy2 is not None else x2, out2, scale, shift, mean if mean is not None else dummy,
         rstd if rstd is not None else dummy, sums[0] if sums is not None else dummy,
         sums[1] if sums is not None else dummy, res2 if res2 is not None else x2, m, c, size_class(m),
-        BACKWARD=gy2 is not None, TRAINING=training, ACT=act, HAS_RES=res2 is not None)
+        BACKWARD=gy2 is not None, TRAINING=training, ACT=act, HAS_RES=res2 is not None,
+        WIDE=wide_index(x2, gy2, out2, res2))
 
 
 def _affine(weight, bias, mean, var, eps, c):

@@ -1,12 +1,14 @@
 """Helpers shared by the Triton op files: channels-last views, split counts, dot precision, autotuning."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from typing import Callable, Sequence
 
 import torch
 import triton
+import triton.language as tl
 
 
 def rows(x: torch.Tensor) -> torch.Tensor:
@@ -43,9 +45,60 @@ def size_class(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+_ROWS_PER_SPLIT_OVERRIDE: int | None = None
+_FORCE_WIDE = False
+INT32_LIMIT = 2**31 - 1
+
+
+@contextlib.contextmanager
+def rows_per_split(rows: int):
+    """Test hook: every `splits` call inside uses `rows` rows per program instead of its threshold
+    (thousands), so the interpreter reaches the split and multi-split reduction paths at tiny shapes."""
+    global _ROWS_PER_SPLIT_OVERRIDE
+    previous, _ROWS_PER_SPLIT_OVERRIDE = _ROWS_PER_SPLIT_OVERRIDE, rows
+    try:
+        yield
+    finally:
+        _ROWS_PER_SPLIT_OVERRIDE = previous
+
+
 def splits(rows_total: int, rows_per_program: int, cap: int = 128) -> int:
     """How many programs share a long reduction over `rows_total` rows."""
-    return max(1, min(cap, -(-rows_total // rows_per_program)))
+    per = _ROWS_PER_SPLIT_OVERRIDE or rows_per_program
+    return max(1, min(cap, -(-rows_total // per)))
+
+
+def span(t: torch.Tensor) -> int:
+    """The largest element offset a kernel can form into t: sum of (size - 1) * stride (0 if empty)."""
+    return 0 if t.numel() == 0 else sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
+
+
+def wide_index(*tensors: torch.Tensor | None) -> bool:
+    """True when an element offset into one of `tensors` can pass int32 (2^31 - 1): the kernels then
+    index in int64 (their WIDE constexpr), otherwise in int32, which is cheaper. A small margin covers
+    offsets a masked-out lane forms past the end (a tile beyond the edge)."""
+    return any(t is not None and span(t) + 2**20 > INT32_LIMIT for t in tensors) or _FORCE_WIDE
+
+
+
+@contextlib.contextmanager
+def force_wide_index():
+    """Test hook: launch every kernel with int64 indexing, so its WIDE path runs at tiny shapes."""
+    global _FORCE_WIDE
+    previous, _FORCE_WIDE = _FORCE_WIDE, True
+    try:
+        yield
+    finally:
+        _FORCE_WIDE = previous
+
+
+@triton.jit
+def program_id(axis: tl.constexpr, WIDE: tl.constexpr):
+    """tl.program_id(axis), as int64 when WIDE: every offset derived from it is then computed in int64."""
+    pid = tl.program_id(axis)
+    if WIDE:
+        pid = pid.to(tl.int64)
+    return pid
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -27,8 +27,8 @@ import triton.language as tl
 
 from engine.elastic.utils import check_depthwise_filter
 
-from .common import (autocast_input, autotune, depthwise_autograd, empty_nchw_channels_last, prune_blocks, rows,
-                     size_class, splits)
+from .common import (autocast_input, autotune, depthwise_autograd, empty_nchw_channels_last, program_id, prune_blocks,
+                     rows, size_class, splits, wide_index)
 
 DEFAULT = ({"BLOCK_P": 32, "BLOCK_C": 32}, 4)
 _SPACE = [({"BLOCK_P": p, "BLOCK_C": c}, w) for p, c, w in
@@ -60,9 +60,9 @@ def _group(lim_ptr, CG, K: tl.constexpr, BLOCK_C: tl.constexpr, GROUPED: tl.cons
 @autotune(_SPACE, DEFAULT, **_TUNE)
 @triton.jit
 def _dw_forward_kernel(x_ptr, f_ptr, y_ptr, lim_ptr, N, H, W, CG, CT, OH, OW, s_fc, s_fh, s_fw, P_CLASS,
-                       K: tl.constexpr, STRIDE: tl.constexpr, GROUPED: tl.constexpr,
+                       K: tl.constexpr, STRIDE: tl.constexpr, GROUPED: tl.constexpr, WIDE: tl.constexpr,
                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)        # output pixel index in N*OH*OW
+    p = program_id(0, WIDE) * BLOCK_P + tl.arange(0, BLOCK_P)        # output pixel index in N*OH*OW
     k, lo, live, c, cm, cs = _group(lim_ptr, CG, K, BLOCK_C, GROUPED)
     pm = p < N * OH * OW
     n, oh, ow = _pixels(p, OH, OW)
@@ -83,9 +83,9 @@ def _dw_forward_kernel(x_ptr, f_ptr, y_ptr, lim_ptr, N, H, W, CG, CT, OH, OW, s_
 @autotune(_SPACE, DEFAULT, **_TUNE)
 @triton.jit
 def _dw_grad_input_kernel(gy_ptr, f_ptr, gx_ptr, lim_ptr, N, H, W, CG, CT, OH, OW, s_fc, s_fh, s_fw, P_CLASS,
-                          K: tl.constexpr, STRIDE: tl.constexpr, GROUPED: tl.constexpr,
+                          K: tl.constexpr, STRIDE: tl.constexpr, GROUPED: tl.constexpr, WIDE: tl.constexpr,
                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)        # input pixel index in N*H*W
+    p = program_id(0, WIDE) * BLOCK_P + tl.arange(0, BLOCK_P)        # input pixel index in N*H*W
     k, lo, live, c, cm, cs = _group(lim_ptr, CG, K, BLOCK_C, GROUPED)
     pm = p < N * H * W
     n, ih, iw = _pixels(p, H, W)
@@ -111,14 +111,14 @@ def _dw_grad_input_kernel(gy_ptr, f_ptr, gx_ptr, lim_ptr, N, H, W, CG, CT, OH, O
 @autotune(_SPACE, DEFAULT, **_TUNE)
 @triton.jit
 def _dw_grad_filter_kernel(x_ptr, gy_ptr, part_ptr, lim_ptr, N, H, W, CG, CT, OH, OW, p_per_split, P_CLASS,
-                           K: tl.constexpr, STRIDE: tl.constexpr, GROUPED: tl.constexpr,
+                           K: tl.constexpr, STRIDE: tl.constexpr, GROUPED: tl.constexpr, WIDE: tl.constexpr,
                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """partial[split, tap, c] = sum over this split's output pixels of x(tap-shifted) * dy: ONE tap per
     program, its products accumulated in a (BLOCK_P, BLOCK_C) register tile and reduced once at the
     end (no per-tap masked accumulation); the splits are summed once on the host. Taps outside a
     group's window and channels beyond its width get 0. Grid: (taps x splits, tap fastest, so the
     programs reading one split's dy tile run side by side and share it in L2; channel blocks; groups)."""
-    pid = tl.program_id(0)
+    pid = program_id(0, WIDE)
     tap, split = pid % (K * K), pid // (K * K)
     kh, kw = tap // K, tap % K
     k, lo, live, c, cm, cs = _group(lim_ptr, CG, K, BLOCK_C, GROUPED)
@@ -153,7 +153,7 @@ def _launch(x, filt, stride, out, grad_y=None, limits=None):
     groups = 1 if limits is None else limits.shape[0]
     cg = ct // groups
     lim = limits if limits is not None else filt
-    common = dict(K=k, STRIDE=stride, GROUPED=limits is not None)
+    common = dict(K=k, STRIDE=stride, GROUPED=limits is not None, WIDE=wide_index(x, out, grad_y))
 
     def grid(pixels):
         return lambda meta: (triton.cdiv(pixels, meta["BLOCK_P"]), triton.cdiv(cg, meta["BLOCK_C"]), groups)

@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autocast_input, autotune, dot_precision, empty_nchw_channels_last, prune_blocks, rows, size_class, splits
+from .common import (autocast_input, autotune, dot_precision, empty_nchw_channels_last, program_id, prune_blocks, rows,
+                     size_class, splits, wide_index)
 
 _SPACE = [({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, w, st) for m, n, k, w, st in (
     (64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3), (32, 64, 32, 4, 4),
@@ -47,13 +48,13 @@ def _limit(lim_ptr, g, full, SRC: tl.constexpr):
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, lim_ptr, stats_ptr, M, N, K,
                    s_am, s_ak, s_bk, s_bn, s_cs, s_cm, s_cn, a_goff, b_goff, c_goff, n_splits, M_CLASS, N_CLASS, K_CLASS,
                    HAS_BIAS: tl.constexpr, STATS: tl.constexpr, PRECISION: tl.constexpr,
-                   M_SRC: tl.constexpr, N_SRC: tl.constexpr, K_SRC: tl.constexpr,
+                   M_SRC: tl.constexpr, N_SRC: tl.constexpr, K_SRC: tl.constexpr, WIDE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """c[z, m, n] = sum over split s's k < k_g of a[m, k] * b[k, n] (+ bias[n]) for m < m_g, n < n_g,
     and 0 for the rest of the (M, N) block; z = g * n_splits + s; fp32 accumulate.
     Group g's operands start g * {a,b,c}_goff elements in; (m_g, n_g, k_g) come from the limits
     table (M_SRC/N_SRC/K_SRC name its column, -1 the full M/N/K). One group: an ordinary GEMM."""
-    pid_m, pid_n, pid_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, pid_n, pid_z = program_id(0, WIDE), program_id(1, WIDE), program_id(2, WIDE)
     g, split = pid_z // n_splits, pid_z % n_splits
     m_lim = _limit(lim_ptr, g, M, M_SRC)
     n_lim = _limit(lim_ptr, g, N, N_SRC)
@@ -113,7 +114,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias: Optional[
         stats if stats is not None else a, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         s_cs, out3.stride(1), out3.stride(2), *group_offsets, split, size_class(m), size_class(n), size_class(k),
         HAS_BIAS=bias is not None, STATS=stats is not None, PRECISION=dot_precision(a.dtype),
-        M_SRC=sources[0], N_SRC=sources[1], K_SRC=sources[2])
+        M_SRC=sources[0], N_SRC=sources[1], K_SRC=sources[2], WIDE=wide_index(a, b, out3))
     return out
 
 

@@ -36,3 +36,13 @@ def make_jpeg_tree(root, classes: int = 3, per_class: int = 4, seed: int = 0):
             crop[..., c % 3] = np.maximum(keep, 40)
             Image.fromarray(crop).save(root / f"class{c}" / f"{i}.jpg", quality=90)
     return root
+
+
+def ranks_env(nproc: int, env: dict | None = None) -> dict:
+    """The environment for a `torchrun --nproc_per_node=nproc` test: with fewer GPUs than ranks the
+    GPUs are hidden (each rank would otherwise call set_device(local_rank) on a device that does not
+    exist) and the ranks run on the CPU with gloo; with enough GPUs each rank gets its own."""
+    env = dict(os.environ if env is None else env, OMP_NUM_THREADS="1")
+    if torch.cuda.device_count() < nproc:
+        env.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
+    return env

@@ -1,12 +1,15 @@
 """The benchmarks run end to end on a CPU (smoke: timings are labelled CPU and never asserted)."""
 import json
 
+import pytest
+
 from bench import grouped, layers, run_throughput
+from bench.gpu_suite import ROOT
 
 
 def test_throughput_smoke(tmp_path, capsys):
     assert run_throughput.main(["--device", "cpu", "--steps", "1", "--warmup", "0", "--nets", "cifar",
-                                "--batch", "4", "--subnets", "3", "--out", str(tmp_path)]) == 0
+                                "--batch", "4", "--subnets", "3", "--no-op-counts", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "CPU (not comparable with GPU figures)" in out
     assert "cifar shrink ours: warm-up" in out                     # progress lines as it goes
@@ -73,17 +76,27 @@ def test_loader_throughput_smoke(capsys):
     assert "imagefolder_224px" in out and "arrays_32px" in out
 
 
+@pytest.mark.cpu_only
 def test_gpu_suite_cpu_smoke(tmp_path):
     """The GPU suite's CPU path: every step runs or is skipped with a reason, at most 8 files, labelled CPU."""
+    import time
+
     from bench import gpu_suite
 
+    started = time.time()
     gpu_suite.main(["--out", str(tmp_path)])
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert len(files) <= 8 and {"suite.json", "suite.log", "throughput.json", "layers.json", "grouped.json"} <= set(files)
+    assert len(files) <= 9 and {"suite.json", "suite.log", "throughput.json", "layers.json", "grouped.json",
+                                "tests.json"} <= set(files)
     suite = json.loads((tmp_path / "suite.json").read_text())
     assert suite["label"].startswith("CPU smoke")
     assert {"device", "torch", "triton", "date", "command"} <= set(suite["env"])
-    assert set(suite["steps"]) >= {"env", "build", "tests", "throughput", "layers", "cuda_ext", "grouped"}
+    assert set(suite["steps"]) >= {"env", "build", "tune", "tests", "throughput", "layers", "cuda_ext", "grouped"}
     for name, step in suite["steps"].items():
         assert step["status"] == "ok" or step["status"].startswith("skipped"), (name, step)
     assert any(line.startswith("throughput cifar shrink") for line in suite["results"])
+    # what a GPU run meets first also ran here: collection, one GPU-tier test and its JUnit report, the build
+    assert suite["steps"]["tests"]["summary"] == "1 passed, 0 failed, 0 skipped"
+    assert json.loads((tmp_path / "tests.json").read_text())["tests"]["passed"] == 1
+    assert "ENGINE_NO_CUDA=1" in suite["steps"]["build"]["status"]
+    assert not [p for p in ROOT.glob("engine/*.so") if p.stat().st_mtime > started]   # nothing built into the tree

@@ -2,9 +2,9 @@
 against eager, recompile counts, resume, DDP, fallback. Most checks use the aot_eager backend (the
 graphs dynamo captures and AOT autograd's backward, without code generation: seconds on a CPU);
 one runs inductor's CPU backend on a block."""
+import contextlib
 import copy
 import json
-import os
 import subprocess
 import sys
 
@@ -15,6 +15,7 @@ from engine.supernet import ofa_mobilenetv3
 from engine.train import compile as engine_compile
 from engine.train.compile import Compiler, graphs_compiled
 from engine.train.sandwich import sample_sandwich, sequential_step
+from helpers import ranks_env
 
 
 def _model(seed=0):
@@ -61,6 +62,23 @@ def _compare(a: torch.nn.Module, b: torch.nn.Module, ga: dict, gb: dict, rtol=1e
         torch.testing.assert_close(u, t, rtol=rtol, atol=atol, msg=name)          # parameters and running stats
 
 
+@contextlib.contextmanager
+def _no_eager_fallback():
+    """Dynamo must not quietly run a frame eager: reaching the recompile limit raises instead, and no
+    graph break or frame that failed to compile may be counted inside."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    frames = dict(counters["frames"])
+    breaks = sum(counters["graph_break"].values())
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield
+    new_total = counters["frames"]["total"] - frames.get("total", 0)
+    new_ok = counters["frames"]["ok"] - frames.get("ok", 0)
+    assert new_total == new_ok, f"{new_total - new_ok} frames ran eager"
+    assert sum(counters["graph_break"].values()) == breaks, dict(counters["graph_break"])
+
+
 @pytest.mark.parametrize("mode,phase", [("teacher", "teacher"), ("blocks", "shrink")])
 def test_compiled_steps_match_eager_and_compile_a_bounded_number_of_graphs(mode, phase):
     eager = _model()
@@ -72,7 +90,8 @@ def test_compiled_steps_match_eager_and_compile_a_bounded_number_of_graphs(mode,
     compiler = Compiler(compiled, mode, x.device, backend="aot_eager")
     assert compiler.mode == mode
     before = graphs_compiled()
-    lc, gc = _train(compiled, lambda p: compiler.net(p, compiled), steps, phase, x, y)
+    with _no_eager_fallback():
+        lc, gc = _train(compiled, lambda p: compiler.net(p, compiled), steps, phase, x, y)
     torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-6)
     _compare(eager, compiled, ge, gc)
     new = graphs_compiled() - before
@@ -87,7 +106,8 @@ def test_compiled_steps_match_eager_and_compile_a_bounded_number_of_graphs(mode,
                         seen.add((b, k, e))
         assert 0 < new <= len(seen)
         again = graphs_compiled()
-        _train(compiled, lambda p: compiler.net(p, compiled), steps, phase, x, y)   # the same configs again
+        with _no_eager_fallback():
+            _train(compiled, lambda p: compiler.net(p, compiled), steps, phase, x, y)   # the same configs again
         assert graphs_compiled() == again
 
 
@@ -147,7 +167,7 @@ def test_resumed_compiled_run_matches_the_uninterrupted_one(tmp_path):
 
 def test_ddp_with_a_compiled_teacher(tmp_path):
     out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = ranks_env(2)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "engine.train", *TINY, "--batch-size", "64", "--out", str(out), "--max-steps", "12"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)

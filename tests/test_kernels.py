@@ -301,3 +301,34 @@ def test_fused_ops_pass_opcheck():
     res = torch.randn(2, 6, 5, 4, device=DEVICE).to(memory_format=torch.channels_last).requires_grad_()
     torch.library.opcheck(kbn._bn_apply, (x, stats, g, b, res, 1e-5, "h_swish"))
     torch.library.opcheck(kbn._bn_apply, (x, stats, g, b, None, 1e-5, "relu"))
+
+
+@pytest.mark.parametrize("check,args", [
+    (test_pointwise_conv, (2, 5, 7, 29, 37, 19, 23, True)),
+    (test_grouped_pointwise_conv, (2, 5, 7, 19, 23, 37, 29, [[23, 19], [7, 11], [15, 1]])),
+    (test_depthwise_conv, (5, 2, 2, 19, 9, 7, 37)),
+    (test_grouped_depthwise_conv, (2, 1, 5, 6, 5, [[7, 5], [3, 2]])),
+    (test_batchnorm_act, ("h_swish", True, 3, 19, 5, 7, 37)),
+    (test_batchnorm_act, ("relu", False, 3, 19, 5, 7, 37)),
+    (test_conv_bn_fused_matches_reference, (3, 9, 4, 16, 40, 16, 33, "none", True)),
+], ids=lambda v: v.__name__.removeprefix("test_") if callable(v) else "-".join(map(str, v[:3])))
+def test_split_paths_and_int64_indexing(check, args):
+    """Every kernel and variant (bias, grouped, eval, statistics epilogue, residual) through its split /
+    multi-split reductions (8 rows a split instead of thousands: ragged last splits, split-K chunks
+    with no work) and its int64-index (WIDE) code, which production shapes reach but test shapes do not."""
+    from engine.kernels.common import force_wide_index, rows_per_split
+
+    with rows_per_split(8), force_wide_index():
+        check(*args)
+
+
+def test_int64_indexing_is_chosen_past_int32():
+    """The batched sandwich's expand activation, G x C x H x W at b512 (4 x 144 x 112 x 112), spans
+    more than 2^31 elements: its launches index in int64; at b128 int32 suffices."""
+    from engine.kernels.common import wide_index
+
+    def act(batch):
+        return torch.empty(batch, 4 * 144, 112, 112, device="meta").to(memory_format=torch.channels_last)
+
+    assert wide_index(act(512)) and not wide_index(act(128))
+    assert wide_index(None, act(128), act(512).permute(0, 2, 3, 1)) and not wide_index(None)

@@ -6,7 +6,8 @@ launches (argument types and compile-time constants, with the default autotuning
 interpreter runs) are recorded, then a subprocess without the interpreter compiles each distinct
 launch with triton.compile: fp32 for sm_90, and the fp16 launches as bf16 (the interpreter has no
 bf16; the kernels treat both alike) for sm_90 and sm_80. There, autotuning is on, so each autotuned
-kernel also compiles every config of its space (for its first recorded launch, sm_90).
+kernel also compiles every config of its space (for its first recorded launch, sm_90), and each kernel
+with int64 indexing compiles that form too (WIDE=True, first launch, sm_90).
 Each cubin's per-thread stack (register spills) is read with Triton's bundled cuobjdump and bounded.
 On a machine with a GPU the GPU tests compile and run the kernels themselves, so this is skipped.
 """
@@ -111,6 +112,8 @@ def _exercise(kpw, kdw, kbn, dtype: torch.dtype) -> None:
 def _compile(launches: list[dict]) -> list[dict]:
     """In a subprocess without the interpreter: compile each launch for TARGETS; per-launch results."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))       # this checkout's kernels, not
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)   # an installed copy
     done = subprocess.run([sys.executable, __file__], input=json.dumps(launches), capture_output=True,
                           text=True, env=env, timeout=1800)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -177,11 +180,14 @@ def _compile_main() -> None:
 
     import importlib
 
-    jobs, spaced = [], set()
+    jobs, spaced, wide = [], set(), set()
     for launch in json.load(sys.stdin):
         half = any(t == "*fp16" for t in launch["signature"].values())
         dtype = "bf16" if half else "fp32"
         jobs += [(launch, dtype, arch) for arch in TARGETS[dtype]]
+        if launch["constexprs"].get("WIDE") is False and launch["kernel"] not in wide:   # its int64 form, once
+            wide.add(launch["kernel"])
+            jobs.append(({**launch, "constexprs": {**launch["constexprs"], "WIDE": True}}, dtype, 90))
         kernel = getattr(importlib.import_module(launch["module"]), launch["kernel"])
         if hasattr(kernel, "configs") and launch["kernel"] not in spaced:   # autotuned: its whole space, once
             spaced.add(launch["kernel"])

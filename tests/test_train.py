@@ -1,6 +1,5 @@
 """engine.train end to end on the built-in data: resume after SIGTERM, checkpoint errors, DDP, CLI."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import torch
 
 from engine.train.__main__ import main
 from engine.train.config import EXIT_INTERRUPTED
+from helpers import ranks_env
 
 # a small supernet and 8-px inputs keep each run to seconds on a CPU
 TINY = ["--resolution", "8", "--batch-size", "128", "--kernel-sizes", "3", "5", "--expand-ratios", "3", "4",
@@ -103,7 +103,7 @@ def test_dali_training_runs(tmp_path):
 @pytest.mark.parametrize("sandwich", ["sequential", "batched"])
 def test_ddp_two_ranks_hold_identical_weights(tmp_path, sandwich):
     out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = ranks_env(2)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "engine.train", *TINY, "--batch-size", "64", "--out", str(out), "--max-steps", "14",
            "--sandwich", sandwich]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from engine.elastic import ElasticBatchNorm2d, apply_activation, hard_sigmoid
 from engine.elastic.depthwise import transformed_filter
@@ -70,7 +71,7 @@ class _Plan:
             tables[name] = [[conv.max_out, conv.max_in]] * groups
         tables["all"] = [[1, 0]] * groups
         packed = torch.tensor(list(tables.values()), dtype=torch.int32)
-        if device.type == "cuda":
+        if device.type == "cuda" and not is_fake(packed):     # (fake tensors: no pinned memory, no runtime)
             packed = packed.pin_memory()
         packed = packed.to(device, non_blocking=True)
         self.table = dict(zip(tables, packed.unbind(0)))

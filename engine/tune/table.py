@@ -44,7 +44,8 @@ class Table:
 
 
 def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    real_cuda = device.type == "cuda" and torch.cuda.is_available()   # else a fake CUDA device: no runtime
+    return torch.cuda.get_device_name(device) if real_cuda else device.type
 
 
 def versions() -> dict[str, str]:
