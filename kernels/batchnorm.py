@@ -30,10 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (autocast_input, autotune, batchnorm_autograd, empty_nchw_channels_last, prune_blocks, rows,
-                     size_class, splits)
+from .common import autotune, empty_nchw_channels_last, prune_blocks, rows, size_class, splits
+from .contract import ACT_CODE, act_code, autocast_input, batchnorm_autograd
 
-ACT_CODE = {"none": 0, "relu": 1, "h_swish": 2}
 SPLIT_MOMENTS, GRAD_SUMS = 0, 2
 ROWS_PER_SPLIT = 4096
 DEFAULT = ({"BLOCK_M": 64, "BLOCK_C": 32}, 4)
@@ -247,8 +246,7 @@ def batchnorm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, run
     """Sliced BN + activation on x (N, C, H, W) -> (y channels-last, stats (2, C) fp32: mean and biased
     variance). stats carries no gradient (the statistics' gradient flows through y); running statistics
     are read in eval and not modified (see `running_update`)."""
-    if act not in ACT_CODE:
-        raise ValueError(f"unknown activation {act!r}; expected one of {tuple(ACT_CODE)}")
+    act_code(act)
     return _batchnorm_act(autocast_input(x), weight, bias, running_mean, running_var, training, eps, act)
 
 
@@ -289,8 +287,7 @@ def bn_apply(x: torch.Tensor, stats: torch.Tensor, weight: torch.Tensor, bias: t
     (2, C) already computed (by the producing GEMM's epilogue: x is not read for them): one read of x
     (and the residual), one write. The backward differentiates through the statistics, as a BN over x
     does; `stats` gets no gradient."""
-    if act not in ACT_CODE:
-        raise ValueError(f"unknown activation {act!r}; expected one of {tuple(ACT_CODE)}")
+    act_code(act)
     return _bn_apply(autocast_input(x), stats, weight, bias, residual, eps, act)
 
 

@@ -25,10 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.elastic.utils import check_depthwise_filter
-
-from .common import (autocast_input, autotune, depthwise_autograd, empty_nchw_channels_last, prune_blocks, rows,
-                     size_class, splits)
+from .common import autotune, empty_nchw_channels_last, prune_blocks, rows, size_class, splits
+from .contract import autocast_input, check_depthwise_filter, depthwise_autograd
 
 DEFAULT = ({"BLOCK_P": 32, "BLOCK_C": 32}, 4)
 _SPACE = [({"BLOCK_P": p, "BLOCK_C": c}, w) for p, c, w in

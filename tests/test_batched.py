@@ -48,11 +48,12 @@ def test_batched_equals_sequential(variant, res, seed, sampler):
 
 def _block_run(model, cfgs, j, x, dy, backend_name):
     from engine.elastic import use_backend
-    from engine.train.batched import _block, _Plan
+    from engine.train.batched import plan
 
     with use_backend(backend_name):
         x = x.clone().requires_grad_()
-        out = _block(_Plan(model, cfgs, x.device), j, x)
+        block, groups = plan(model, cfgs, x.device).blocks[j]
+        out = block(x, groups)
         (out * dy).sum().backward()
     return out.detach(), x.grad
 

@@ -6,18 +6,50 @@ shapes every step): `widths` (G, 2) = [out width, in width] for a pointwise conv
 [kernel size, channels] for a depthwise conv. Outputs beyond a group's width are zero, and inputs
 beyond it are ignored, so a narrow subnet's values and gradients are exactly its own.
 Each op has a PyTorch reference here and a Triton kernel (engine.kernels), chosen by backend.choose.
+The elastic layers run these ops when their forward is given a group table (see `GroupSelection`,
+`KernelGroups`); the supernet's block and net forwards pass the tables through.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from engine.elastic import backend
 from engine.elastic.activations import apply_activation
-from engine.elastic.batchnorm import fused_batchnorm_op
-from engine.elastic.utils import check_depthwise_filter
+from engine.elastic.fast_ops import batchnorm_op
+from engine.kernels.contract import check_depthwise_filter
 
 _CHOICES: dict = {}                      # backend choice per call signature (backend.remember)
+
+
+class GroupSelection(NamedTuple):
+    """The live channels of a stacked BN input (N, G*C, H, W): `mask` (G*C,) 0/1 zeroes each group's
+    channels beyond its width (None: all live); `select` (G, C) bool marks the live channels of the
+    groups that run the layer (only their statistics are folded into the running ones)."""
+
+    mask: torch.Tensor | None
+    select: torch.Tensor
+
+
+class KernelGroups(NamedTuple):
+    """A grouped depthwise conv's settings: `limits` (G, 2) int32 [k_g, c_g] on the device, and the
+    same kernel sizes on the host (which transformed filters to build)."""
+
+    limits: torch.Tensor
+    kernel_sizes: tuple[int, ...]
+
+
+def group_selection(active: torch.Tensor, channels: int, widths: torch.Tensor | None = None) -> GroupSelection:
+    """The channels of each group within its width `widths` (G,) (None: all `channels`), of the
+    groups with active[g] != 0."""
+    groups = active.shape[0]
+    select = active.bool()[:, None].expand(groups, channels)
+    if widths is None:
+        return GroupSelection(None, select)
+    mask = channel_mask(widths, channels, torch.float32)
+    return GroupSelection(mask, select & (mask.view(groups, channels) > 0))
 
 
 def channel_mask(widths: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Tensor:
@@ -64,6 +96,13 @@ def grouped_pointwise_conv(x: torch.Tensor, weight: torch.Tensor, widths: torch.
         "grouped_pointwise_conv", x, {"triton": lambda: None}, lambda: (impls, [x, weight]),
         key=(out_per_group, widths.shape[0])))
     return impls[choice]()
+
+
+def grouped_conv_reference(x: torch.Tensor, weight: torch.Tensor, groups: int, stride: int) -> torch.Tensor:
+    """G full-width regular convs sharing `weight` (out, in, k, k): x (N, G*in, H, W) -> (N, G*out, H', W'),
+    "same" padding k // 2 (the stem, whose widths are not elastic)."""
+    k = weight.shape[-1]
+    return F.conv2d(x, weight.repeat(groups, 1, 1, 1), None, stride, k // 2, 1, groups)
 
 
 def grouped_depthwise_reference(x: torch.Tensor, filt: torch.Tensor, stride: int,
@@ -127,7 +166,7 @@ def grouped_batchnorm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     def fused(name: str):
         def run() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             # training mode: the op ignores its running-statistics arguments, any (G*C,) tensors do
-            y, stats = fused_batchnorm_op(name)(x, gamma, beta, gamma.detach(), gamma.detach(), True, eps, act)
+            y, stats = batchnorm_op(name)(x, gamma, beta, gamma.detach(), gamma.detach(), True, eps, act)
             return y, stats[0], stats[1]
         return run
 
