@@ -128,7 +128,7 @@ def _step_values(model, step, x, y, cfgs, backend_name):
             r = batched_step(model, BatchedSandwich(model), x, y, cfgs, betas, 0.1, 1.0, None, None)
         else:
             r = sequential_step(model, model, x, y, cfgs, betas, 0.1, 1.0, None, None)
-    values = [("loss_max", r.loss_max), ("loss_subnets", r.loss_subnets)]
+    values = [("loss_max", r.losses[0]), ("loss_subnets", r.losses[1:].mean())]
     return values + [(n, p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()]
 
 

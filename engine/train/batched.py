@@ -109,7 +109,7 @@ class BatchedSandwich(torch.nn.Module):
 
 
 def batched_step(model: OFAMobileNetV3, net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                 cfgs: list[dict], betas: list[float], label_smoothing: float, temperature: float,
+                 cfgs: list[dict], epsilons: list[float], label_smoothing: float, temperature: float,
                  scaler: torch.amp.GradScaler | None, amp_dtype: torch.dtype | None,
                  check_grads: bool = False) -> StepResult:
     """Same contract and gradients as `sequential_step`, in one forward and one backward.
@@ -120,7 +120,7 @@ def batched_step(model: OFAMobileNetV3, net: torch.nn.Module, images: torch.Tens
     loss_max = F.cross_entropy(logits[:, 0], labels, label_smoothing=label_smoothing)
     targets = soft_labels(logits[:, 0], temperature)
     kd = [kd_loss(logits[:, k], targets, temperature) for k in range(1, len(cfgs))]
-    total = loss_max * betas[0] + sum(b * l for b, l in zip(betas[1:], kd))
+    total = loss_max * epsilons[0] + sum(e * l for e, l in zip(epsilons[1:], kd))
     if isinstance(unwrap(net), torch.nn.parallel.DistributedDataParallel):
         total = total + touch_all(model)
     (scaler.scale(total) if scaler is not None else total).backward()
