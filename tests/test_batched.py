@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.supernet import ofa_mobilenetv3
-from helpers import kernel_device
+from helpers import kernel_device, rel_max
 from engine.train.batched import BatchedSandwich, batched_step
 from engine.train.sandwich import sample_sandwich, sequential_step
 
@@ -67,11 +67,6 @@ def _perturb_transforms(model):
                     p.add_(0.05 * torch.randn_like(p))
 
 
-def _rel_max(got, truth):
-    """max |got - truth| / max |truth| (float64)."""
-    return ((got.double() - truth).abs().max() / truth.abs().max().clamp_min(1e-30)).item()
-
-
 @pytest.mark.gpu_tier
 @pytest.mark.parametrize("want", ["se_residual", "stride2"])
 def test_batched_block_on_triton_matches_torch(want):
@@ -101,7 +96,7 @@ def test_batched_block_on_triton_matches_torch(want):
             results[name] = [("out", out), ("grad x", gx)] + [(n, p.grad) for n, p in block.named_parameters()
                                                               if p.grad is not None] + list(block.named_buffers())
     for (name, truth), (_, torch32), (_, fast) in zip(*results.values()):
-        err_torch, err_fast = _rel_max(torch32, truth), _rel_max(fast, truth)
+        err_torch, err_fast = rel_max(torch32, truth), rel_max(fast, truth)
         assert err_fast <= 2 * err_torch + 1e-5, (name, err_fast, err_torch)
 
 
@@ -159,9 +154,9 @@ def test_batched_on_gpu_matches_sequential(variant, res, n):
             runs[name] = _step_values(copy.deepcopy(base).to(dtype), step, x.to(dtype), y, cfgs, backend_name)
     failures = []
     for i, (name, truth) in enumerate(runs["fp64"]):
-        allowed = 2 * max(_rel_max(runs[t][i][1], truth) for t in ("torch_seq", "torch_bat")) + 1e-5
+        allowed = 2 * max(rel_max(runs[t][i][1], truth) for t in ("torch_seq", "torch_bat")) + 1e-5
         for fast in ("triton_seq", "triton_bat"):
-            err = _rel_max(runs[fast][i][1], truth)
+            err = rel_max(runs[fast][i][1], truth)
             if err > allowed:
                 failures.append(f"{fast} {name}: {err:.2e} > {allowed:.2e}")
     assert not failures, "\n".join(failures)

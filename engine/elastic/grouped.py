@@ -11,7 +11,8 @@ The elastic layers run these ops when their forward is given a group table (see 
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import importlib
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,21 @@ def group_selection(active: torch.Tensor, channels: int, widths: torch.Tensor | 
     return GroupSelection(mask, select & (mask.view(groups, channels) > 0))
 
 
+def _dispatched(op: str, signature: tuple, x: torch.Tensor, impls: dict[str, Callable], inputs: list,
+                key: tuple) -> object:
+    """Run `impls` (backend name -> zero-argument call, "torch" the reference) on the backend chosen
+    for this call `signature`; every fast implementation covers every call."""
+    fast = {name: (lambda: None) for name in impls if name != "torch"}
+    choice = backend.remember(_CHOICES, signature, lambda: backend.choose(
+        op, x, fast, lambda: (impls, inputs), key=key))
+    return impls[choice]()
+
+
+def _triton(family: str, name: str, *args) -> Callable[[], object]:
+    """A call of the Triton op engine.kernels.<family>.<name> (imported on first use) on `args`."""
+    return lambda: getattr(importlib.import_module(f"engine.kernels.{family}"), name)(*args)
+
+
 def channel_mask(widths: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Tensor:
     """(G,) widths -> (G * channels,) 0/1 mask selecting each group's first widths[g] channels."""
     arange = torch.arange(channels, device=widths.device)
@@ -86,16 +102,10 @@ def grouped_pointwise_conv(x: torch.Tensor, weight: torch.Tensor, widths: torch.
     cin = _check(x, widths, "widths")
     if weight.shape[-2:] != (1, 1) or out_per_group > weight.shape[0] or cin > weight.shape[1]:
         raise ValueError(f"weight {tuple(weight.shape)} cannot serve {out_per_group} x {cin} pointwise groups")
-    def triton() -> torch.Tensor:
-        from engine.kernels.pointwise import grouped_pointwise_conv as kernel
-
-        return kernel(x, weight, widths, out_per_group)
-
-    impls = {"torch": lambda: grouped_pointwise_reference(x, weight, widths, out_per_group), "triton": triton}
-    choice = backend.remember(_CHOICES, ("pw", x.shape, x.dtype, x.device, out_per_group), lambda: backend.choose(
-        "grouped_pointwise_conv", x, {"triton": lambda: None}, lambda: (impls, [x, weight]),
-        key=(out_per_group, widths.shape[0])))
-    return impls[choice]()
+    impls = {"torch": lambda: grouped_pointwise_reference(x, weight, widths, out_per_group),
+             "triton": _triton("pointwise", "grouped_pointwise_conv", x, weight, widths, out_per_group)}
+    return _dispatched("grouped_pointwise_conv", ("pw", x.shape, x.dtype, x.device, out_per_group), x, impls,
+                       [x, weight], (out_per_group, widths.shape[0]))
 
 
 def grouped_conv_reference(x: torch.Tensor, weight: torch.Tensor, groups: int, stride: int) -> torch.Tensor:
@@ -127,16 +137,10 @@ def grouped_depthwise_conv(x: torch.Tensor, filt: torch.Tensor, stride: int, lim
     check_depthwise_filter(x, filt)
     if stride not in (1, 2):
         raise ValueError(f"stride={stride} is not 1 or 2")
-    def triton() -> torch.Tensor:
-        from engine.kernels.depthwise import grouped_depthwise_conv as kernel
-
-        return kernel(x, filt, stride, limits)
-
-    impls = {"torch": lambda: grouped_depthwise_reference(x, filt, stride, limits), "triton": triton}
-    choice = backend.remember(_CHOICES, ("dw", x.shape, x.dtype, x.device, stride), lambda: backend.choose(
-        "grouped_depthwise_conv", x, {"triton": lambda: None}, lambda: (impls, [x, filt]),
-        key=(stride, limits.shape[0])))
-    return impls[choice]()
+    impls = {"torch": lambda: grouped_depthwise_reference(x, filt, stride, limits),
+             "triton": _triton("depthwise", "grouped_depthwise_conv", x, filt, stride, limits)}
+    return _dispatched("grouped_depthwise_conv", ("dw", x.shape, x.dtype, x.device, stride), x, impls, [x, filt],
+                       (stride, limits.shape[0]))
 
 
 def grouped_batchnorm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
@@ -172,8 +176,6 @@ def grouped_batchnorm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
     impls = {"torch": lambda: grouped_batchnorm_reference(x, gamma, beta, eps, act), "triton": fused("triton"),
              "cuda": fused("cuda")}
-    choice = backend.remember(_CHOICES, ("bn", x.shape, x.dtype, x.device, act), lambda: backend.choose(
-        "batchnorm_act", x, {"triton": lambda: None, "cuda": lambda: None}, lambda: (impls, [x, gamma, beta]),
-        key=(act, True)))
-    y, mean, var = impls[choice]()
+    y, mean, var = _dispatched("batchnorm_act", ("bn", x.shape, x.dtype, x.device, act), x, impls, [x, gamma, beta],
+                               (act, True))
     return y, mean.view(groups, channels), var.view(groups, channels)
