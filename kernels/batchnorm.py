@@ -6,7 +6,7 @@ Training forward: ONE reduction pass reads x for both statistics: each program k
 and sum of squared deviations, merging tile after tile with Chan's parallel formula (as accurate as two
 passes: no E[x²] - E[x]² cancellation), and the splits are merged the same way in fp32; then ONE pass
 writes y = act(x * scale + shift), scale = gamma * rstd, shift = beta - mean * scale: x is read twice
-in all (it was three times with a separate pass for the variance).
+in all (a separate pass for the variance would make it three).
 The op returns (y, stats): stats (2, C) fp32 = [mean, biased var] (batch statistics in training, the
 running ones in eval). `running_update` folds them into the running-statistic slices in place (one
 tiny kernel: r <- r + momentum * (stat - r), the variance made unbiased, fp32 math whatever the
