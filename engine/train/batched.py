@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from engine.elastic.grouped import KernelGroups, group_selection
 from engine.elastic.se import se_mid_channels
+from engine.supernet.blocks import MBConvBlock
 from engine.supernet.groups import BlockGroups, NetGroups
 from engine.supernet.mobilenetv3 import OFAMobileNetV3
 from engine.train.compile import unwrap
@@ -66,27 +67,31 @@ def _tables(model: OFAMobileNetV3, per_block: list[tuple], groups: int) -> dict[
     return tables
 
 
+def _block_groups(t: dict[str, torch.Tensor], j: int, block: MBConvBlock, settings: list[tuple]) -> BlockGroups:
+    """Block j's group tables (`t`: the step's tables on the device, by name)."""
+    active = t[f"{j}.active"][:, 0]
+    mid = max(block.mid_channels(block.max_in, e) for _, e, _ in settings)
+    return BlockGroups(mid_channels=mid, expand=t[f"{j}.expand"], se=t[f"{j}.se"], project=t[f"{j}.project"],
+                       depthwise=KernelGroups(t[f"{j}.dw"], tuple(k for k, _, _ in settings)),
+                       mid=group_selection(active, mid, t[f"{j}.dw"][:, 1]),
+                       out=group_selection(active, block.out), active=active)
+
+
 def plan(model: OFAMobileNetV3, cfgs: list[dict], device: torch.device) -> NetGroups:
-    """The group tables that run the subnets `cfgs` as groups of one forward: one host-to-device copy."""
+    """The group tables that run the subnets `cfgs` as the groups of one forward (one host-to-device
+    copy); a block no subnet runs is left out."""
     groups, per_block = len(cfgs), _settings(model, cfgs)
     tables = _tables(model, per_block, groups)
     packed = torch.tensor(list(tables.values()), dtype=torch.int32)
     if device.type == "cuda":
         packed = packed.pin_memory()
     t = dict(zip(tables, packed.to(device, non_blocking=True).unbind(0)))
+    blocks = [(block, _block_groups(t, j, block, settings)) for j, (block, settings) in enumerate(per_block)
+              if any(runs for _, _, runs in settings)]
     every = t["all"][:, 0]
-    blocks = []
-    for j, (block, settings) in enumerate(per_block):
-        if not any(a for _, _, a in settings):
-            continue
-        active, mid = t[f"{j}.active"][:, 0], max(block.mid_channels(block.max_in, e) for _, e, _ in settings)
-        blocks.append((block, BlockGroups(
-            mid, t[f"{j}.expand"], KernelGroups(t[f"{j}.dw"], tuple(k for k, _, _ in settings)), t[f"{j}.se"],
-            t[f"{j}.project"], group_selection(active, mid, t[f"{j}.dw"][:, 1]), group_selection(active, block.out),
-            active)))
     stem, final = model.first_conv.conv, model.final_expand.conv
-    return NetGroups(blocks, groups, (t["stem"], group_selection(every, stem.max_out)),
-                     (t["final"], group_selection(every, final.max_out)), t["mix"])
+    return NetGroups(blocks, groups, stem=(t["stem"], group_selection(every, stem.max_out)),
+                     final=(t["final"], group_selection(every, final.max_out)), mix=t["mix"])
 
 
 def batched_forward(model: OFAMobileNetV3, images: torch.Tensor, cfgs: list[dict]) -> torch.Tensor:
