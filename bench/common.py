@@ -1,5 +1,5 @@
-"""Benchmark helpers: environment record, progress lines, a wall-clock budget, timing (CUDA events on a
-GPU, wall clock on CPU) and JSON output."""
+"""Benchmark helpers: environment record, progress lines, a wall-clock budget and JSON output (timing:
+engine.timing.median_ms)."""
 from __future__ import annotations
 
 import datetime
@@ -9,11 +9,9 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from engine.timing import median_ms
 
 RESULTS = Path(__file__).resolve().parent / "results"
 _START = time.monotonic()
@@ -47,12 +45,6 @@ class Budget:
 
     def spent(self) -> bool:
         return self.left() <= 0
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: int,
-            deadline: float = math.inf) -> float:
-    """Median milliseconds of fn() after `warmup` calls (engine.timing.median_ms)."""
-    return median_ms(fn, device, warmup, reps, deadline)
 
 
 def write_json(name: str, payload: dict, out: str | Path | None = None) -> Path:

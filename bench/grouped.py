@@ -18,9 +18,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Budget, environment, progress, time_ms, write_json  # noqa: E402
+from bench.common import Budget, environment, progress, write_json  # noqa: E402
 from engine.elastic import ElasticConv2d, ElasticDepthwiseConv2d, use_backend  # noqa: E402
 from engine.elastic.grouped import grouped_depthwise_conv, grouped_pointwise_conv  # noqa: E402
+from engine.timing import median_ms  # noqa: E402
 
 # 224-px stage 1 block (24 channels in, expand 3/4/6 -> 72/96/144 mid, 56x56) and a 14-px stage
 MIDS = {"56px": (24, 56, [144, 72, 96, 120]), "14px": (112, 14, [672, 336, 448, 560])}
@@ -99,9 +100,9 @@ def main(argv=None) -> int:
         for variant, fn, backend_name in (("sequential", seq, ours), ("grouped", grouped, ours),
                                           ("reference", grouped, "torch")):
             with use_backend(backend_name):
-                row[variant] = {"fwd_ms": time_ms(fn, device, *reps, budget.deadline),
-                                "fwd_bwd_ms": time_ms(lambda fn=fn: _fwd_bwd(fn, inputs), device, *reps,
-                                                      budget.deadline)}
+                row[variant] = {"fwd_ms": median_ms(fn, device, *reps, budget.deadline),
+                                "fwd_bwd_ms": median_ms(lambda fn=fn: _fwd_bwd(fn, inputs), device, *reps,
+                                                        budget.deadline)}
         for variant in ("grouped", "reference"):
             for key in ("fwd_ms", "fwd_bwd_ms"):
                 row[variant][key.replace("_ms", "_speedup")] = row["sequential"][key] / row[variant][key]

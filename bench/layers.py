@@ -25,9 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Budget, environment, progress, time_ms, write_json  # noqa: E402
+from bench.common import Budget, environment, progress, write_json  # noqa: E402
 from engine.elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticDepthwiseConv2d, backend, use_backend  # noqa: E402
 from engine.elastic.fused import conv_bn  # noqa: E402
+from engine.timing import median_ms  # noqa: E402
 
 # (name, layer factory, active setter, input channels, spatial)
 CASES = [
@@ -80,9 +81,9 @@ def _cost(layer, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]
 
 def _measure(fn, inputs, out_like, device, budget) -> dict:
     dy = torch.randn_like(out_like)
-    fwd = time_ms(fn, device, 10, 50, budget.deadline)
-    fwd_bwd = time_ms(lambda: torch.autograd.grad(fn(), inputs, dy, allow_unused=True), device, 10, 50,
-                      budget.deadline)
+    fwd = median_ms(fn, device, 10, 50, budget.deadline)
+    fwd_bwd = median_ms(lambda: torch.autograd.grad(fn(), inputs, dy, allow_unused=True), device, 10, 50,
+                        budget.deadline)
     return {"fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd}
 
 

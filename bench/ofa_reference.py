@@ -1,6 +1,8 @@
 """The public OFA code's way of running a sampled subnet (mit-han-lab/once-for-all, its dynamic ops in
 ofa/imagenet_classification/elastic_nn/modules/dynamic_op.py), written anew over this engine's supernet
 parameters, so that both run the same weights, configs and FLOPs side by side in the benchmarks.
+It is an independent re-implementation on purpose: it is the baseline the engine is compared against,
+so it shares no block code with engine/supernet (a change to the engine's block must not change it).
 
 What it does as OFA does, per call:
   dynamic 1x1 convs      F.conv2d with W[:o, :i].contiguous() (a copy of the slice)

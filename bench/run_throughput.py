@@ -37,13 +37,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Budget, environment, progress, time_ms, write_json  # noqa: E402
+from bench.common import Budget, environment, progress, write_json  # noqa: E402
 from bench.ofa_reference import OFAReference  # noqa: E402
 from engine.elastic import use_backend  # noqa: E402
 from engine.supernet import ofa_mobilenetv3  # noqa: E402
 from engine.train.batched import BatchedSandwich, batched_step  # noqa: E402
 from engine.train.losses import kd_loss, soft_labels  # noqa: E402
 from engine.train.sandwich import sample_sandwich, sequential_step  # noqa: E402
+from engine.timing import median_ms  # noqa: E402
 
 NETS = {"cifar": ("cifar", 32, 256, 10), "imagenet": ("imagenet", 224, 128, 1000)}
 # in the order they are measured (the most telling first, should the budget run out)
@@ -176,11 +177,11 @@ def measure(args, device: torch.device, net_name: str, phase: str, budget: Budge
         compile_s = None
         if variant.startswith("compile_"):                 # the warm-up compiles: timed apart
             t0 = time.perf_counter()
-            time_ms(run, device, 0, max(args.warmup, 1))
+            median_ms(run, device, 0, max(args.warmup, 1))
             compile_s = time.perf_counter() - t0
             progress(f"{label}: compiled in {compile_s:.1f} s")
         with _profiler(args, f"{net_name}-{phase}-{variant}"):
-            ms = time_ms(run, device, 0 if compile_s is not None else args.warmup, args.steps, budget.deadline)
+            ms = median_ms(run, device, 0 if compile_s is not None else args.warmup, args.steps, budget.deadline)
         row[variant] = {"ms_per_step": ms, "images_per_s": setup.batch * 1e3 / ms,
                         "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
         if compile_s is not None:

@@ -6,7 +6,7 @@ Training forward: ONE reduction pass reads x for both statistics: each program k
 and sum of squared deviations, merging tile after tile with Chan's parallel formula (as accurate as two
 passes: no E[x²] - E[x]² cancellation), and the splits are merged the same way in fp32; then ONE pass
 writes y = act(x * scale + shift), scale = gamma * rstd, shift = beta - mean * scale: x is read twice
-in all (it was three times with a separate pass for the variance).
+in all (a separate pass for the variance would make it three).
 The op returns (y, stats): stats (2, C) fp32 = [mean, biased var] (batch statistics in training, the
 running ones in eval). `running_update` folds them into the running-statistic slices in place (one
 tiny kernel: r <- r + momentum * (stat - r), the variance made unbiased, fp32 math whatever the
@@ -30,10 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (autocast_input, autotune, batchnorm_autograd, empty_nchw_channels_last, program_id, prune_blocks,
-                     rows, size_class, splits, wide_index)
+from .common import (autotune, empty_nchw_channels_last, program_id, prune_blocks, rows, size_class, splits,
+                     wide_index)
+from .contract import ACT_CODE, act_code, autocast_input, batchnorm_autograd
 
-ACT_CODE = {"none": 0, "relu": 1, "h_swish": 2}
 SPLIT_MOMENTS, GRAD_SUMS = 0, 2
 ROWS_PER_SPLIT = 4096
 DEFAULT = ({"BLOCK_M": 64, "BLOCK_C": 32}, 4)
@@ -248,8 +248,7 @@ def batchnorm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, run
     """Sliced BN + activation on x (N, C, H, W) -> (y channels-last, stats (2, C) fp32: mean and biased
     variance). stats carries no gradient (the statistics' gradient flows through y); running statistics
     are read in eval and not modified (see `running_update`)."""
-    if act not in ACT_CODE:
-        raise ValueError(f"unknown activation {act!r}; expected one of {tuple(ACT_CODE)}")
+    act_code(act)
     return _batchnorm_act(autocast_input(x), weight, bias, running_mean, running_var, training, eps, act)
 
 
@@ -290,8 +289,7 @@ def bn_apply(x: torch.Tensor, stats: torch.Tensor, weight: torch.Tensor, bias: t
     (2, C) already computed (by the producing GEMM's epilogue: x is not read for them): one read of x
     (and the residual), one write. The backward differentiates through the statistics, as a BN over x
     does; `stats` gets no gradient."""
-    if act not in ACT_CODE:
-        raise ValueError(f"unknown activation {act!r}; expected one of {tuple(ACT_CODE)}")
+    act_code(act)
     return _bn_apply(autocast_input(x), stats, weight, bias, residual, eps, act)
 
 

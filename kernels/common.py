@@ -108,50 +108,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def autocast_input(x: torch.Tensor) -> torch.Tensor:
-    """Cast to the autocast dtype when autocast is on for x's device (custom ops are not autocast-aware)."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev) and x.is_floating_point():
-        return x.to(torch.get_autocast_dtype(dev))
-    return x
-
-
-def depthwise_autograd(backward_op):
-    """(backward, setup_context) for a depthwise op (x, filt, stride, *tensors) -> y whose `backward_op`
-    (grad_y, x, filt, stride, *tensors) returns (grad_x, grad_filt); the trailing tensors (a grouped
-    op's limits) get no gradient. Shared by the Triton and C++ ops."""
-    def setup(ctx, inputs, output):
-        x, filt, stride, *extra = inputs
-        ctx.save_for_backward(x, filt, *extra)
-        ctx.stride = stride
-
-    def backward(ctx, grad_y):
-        x, filt, *extra = ctx.saved_tensors
-        grad_x, grad_f = backward_op(grad_y, x, filt, ctx.stride, *extra)
-        return (grad_x, grad_f, None) + (None,) * len(extra)
-
-    return backward, setup
-
-
-def batchnorm_autograd(backward_op):
-    """(backward, setup_context) for a BN op (x, weight, bias, running_mean, running_var, training, eps,
-    act) -> (y, stats (2, C): batch or running mean and biased variance) whose `backward_op` (grad_y, x,
-    weight, bias, stats, training, eps, act) returns (grad_x, grad_weight, grad_bias); `stats` carries
-    no gradient (its gradient is not even materialised). Shared by the Triton and C++ ops."""
-    def setup(ctx, inputs, output):
-        x, weight, bias, _, _, training, eps, act = inputs
-        ctx.save_for_backward(x, weight, bias, output[1])
-        ctx.training, ctx.eps, ctx.act = training, eps, act
-        ctx.set_materialize_grads(False)
-
-    def backward(ctx, grad_y, grad_stats):
-        x, weight, bias, stats = ctx.saved_tensors
-        grads = backward_op(grad_y, x, weight, bias, stats, ctx.training, ctx.eps, ctx.act)
-        return (*grads, None, None, None, None, None)
-
-    return backward, setup
-
-
 def prune_blocks(limits: dict[str, str]) -> Callable:
     """An early pruning rule: drop configs whose block `BLOCK_X` exceeds twice the next power of two of
     the launch argument limits["BLOCK_X"] (a tile mostly past the edge); the first config always stays."""

@@ -25,8 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (autocast_input, autotune, dot_precision, empty_nchw_channels_last, program_id, prune_blocks, rows,
-                     size_class, splits, wide_index)
+from .common import (autotune, dot_precision, empty_nchw_channels_last, program_id, prune_blocks, rows, size_class,
+                     splits, wide_index)
+from .contract import autocast_input
 
 _SPACE = [({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, w, st) for m, n, k, w, st in (
     (64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3), (32, 64, 32, 4, 4),

@@ -16,6 +16,18 @@ def kernel_device() -> str:
                 allow_module_level=True)
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64 (Frobenius norms); a must hold no NaN (an unwritten, NaN-poisoned
+    output or a NaN result fails here)."""
+    assert not torch.isnan(a).any(), "unwritten (NaN-poisoned) or NaN output"
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def rel_max(got: torch.Tensor, truth: torch.Tensor) -> float:
+    """max |got - truth| / max |truth| in float64: the error relative to the tensor's scale."""
+    return ((got.double() - truth.double()).abs().max() / truth.abs().max().clamp_min(1e-30)).item()
+
+
 def make_jpeg_tree(root, classes: int = 3, per_class: int = 4, seed: int = 0):
     """`root/class<c>/<i>.jpg`: crops of the real photos scikit-learn ships; class c keeps only colour
     channel c (at least 40), so the label is recoverable from any crop: the channel with the largest mean."""

@@ -56,15 +56,15 @@ def test_summed_gradients_equal_masked_accumulation():
     model = ofa_mobilenetv3("cifar", num_classes=10, dropout=0.0)
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
     cfgs = sample_sandwich(model, "shrink", 4, "random", torch.Generator().manual_seed(4))
-    betas = [1.0, 0.7, 0.3, 0.3]
+    epsilons = [1.0, 0.7, 0.3, 0.3]
     reference = copy.deepcopy(model)
 
-    sequential_step(model, model, x, y, cfgs, betas, 0.1, 1.0, None, None)
+    sequential_step(model, model, x, y, cfgs, epsilons, 0.1, 1.0, None, None)
 
     acc = {id(p): torch.zeros_like(p) for p in reference.parameters()}
     reference.set_active_subnet(cfgs[0])
     targets = soft_labels(reference(x), 1.0)
-    for cfg, beta in zip(cfgs, betas):
+    for cfg, epsilon in zip(cfgs, epsilons):
         reference.set_active_subnet(cfg)
         masks = _slice_masks(reference, x)
         reference.zero_grad(set_to_none=False)
@@ -73,7 +73,7 @@ def test_summed_gradients_equal_masked_accumulation():
         loss.backward()
         for p in reference.parameters():
             if p.grad is not None:
-                acc[id(p)] += beta * masks[id(p)] * p.grad
+                acc[id(p)] += epsilon * masks[id(p)] * p.grad
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         got = p.grad if p.grad is not None else torch.zeros_like(p)
         torch.testing.assert_close(got, acc[id(q)], rtol=1e-4, atol=1e-6, msg=name)

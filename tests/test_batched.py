@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.supernet import ofa_mobilenetv3
-from helpers import kernel_device
+from helpers import kernel_device, rel_max
 from engine.train.batched import BatchedSandwich, batched_step
 from engine.train.sandwich import sample_sandwich, sequential_step
 
@@ -48,11 +48,12 @@ def test_batched_equals_sequential(variant, res, seed, sampler):
 
 def _block_run(model, cfgs, j, x, dy, backend_name):
     from engine.elastic import use_backend
-    from engine.train.batched import _block, _Plan
+    from engine.train.batched import plan
 
     with use_backend(backend_name):
         x = x.clone().requires_grad_()
-        out = _block(_Plan(model, cfgs, x.device), j, x)
+        block, groups = plan(model, cfgs, x.device).blocks[j]
+        out = block(x, groups)
         (out * dy).sum().backward()
     return out.detach(), x.grad
 
@@ -64,11 +65,6 @@ def _perturb_transforms(model):
             if hasattr(m, "transforms"):
                 for p in m.transforms.values():
                     p.add_(0.05 * torch.randn_like(p))
-
-
-def _rel_max(got, truth):
-    """max |got - truth| / max |truth| (float64)."""
-    return ((got.double() - truth).abs().max() / truth.abs().max().clamp_min(1e-30)).item()
 
 
 @pytest.mark.gpu_tier
@@ -109,7 +105,7 @@ def _block_errors(want, seed):
     references = [_block_values(copy.deepcopy(ref), cfgs, j, x, dy, "torch"),
                   _block_values(copy.deepcopy(ref), cfgs, j, x.contiguous(), dy, "torch"),
                   _block_values(copy.deepcopy(ref), cfgs, j, x, dy, "torch", reverse_batch=True)]
-    return [(name, _rel_max(fast[i][1], value), max(_rel_max(r[i][1], value) for r in references))
+    return [(name, rel_max(fast[i][1], value), max(rel_max(r[i][1], value) for r in references))
             for i, (name, value) in enumerate(truth)]
 
 
@@ -148,7 +144,7 @@ def _step_values(model, step, x, y, cfgs, backend_name):
             r = batched_step(model, BatchedSandwich(model), x, y, cfgs, betas, 0.1, 1.0, None, None)
         else:
             r = sequential_step(model, model, x, y, cfgs, betas, 0.1, 1.0, None, None)
-    values = [("loss_max", r.loss_max), ("loss_subnets", r.loss_subnets)]
+    values = [("loss_max", r.losses[0]), ("loss_subnets", r.losses[1:].mean())]
     return values + [(n, p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()]
 
 
@@ -179,9 +175,9 @@ def test_batched_on_gpu_matches_sequential(variant, res, n):
             runs[name] = _step_values(copy.deepcopy(base).to(dtype), step, x.to(dtype), y, cfgs, backend_name)
     failures = []
     for i, (name, truth) in enumerate(runs["fp64"]):
-        allowed = 2 * max(_rel_max(runs[t][i][1], truth) for t in ("torch_seq", "torch_bat")) + 1e-5
+        allowed = 2 * max(rel_max(runs[t][i][1], truth) for t in ("torch_seq", "torch_bat")) + 1e-5
         for fast in ("triton_seq", "triton_bat"):
-            err = _rel_max(runs[fast][i][1], truth)
+            err = rel_max(runs[fast][i][1], truth)
             if err > allowed:
                 failures.append(f"{fast} {name}: {err:.2e} > {allowed:.2e}")
     assert not failures, "\n".join(failures)

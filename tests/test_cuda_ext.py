@@ -9,6 +9,7 @@ import torch
 from engine.elastic import cuda_ext
 from engine.elastic.batchnorm import batchnorm_reference
 from engine.elastic.depthwise import depthwise_reference
+from helpers import rel_err
 
 try:
     EXT = cuda_ext.load()
@@ -31,11 +32,6 @@ SCHEMAS = {
                               "-> (Tensor, Tensor, Tensor)",
 }
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-
-
-def rel_err(a, b):
-    assert not torch.isnan(a).any()
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def test_ops_are_registered_with_schemas():

@@ -212,3 +212,26 @@ def test_pure_bf16_model_trains_both_sandwich_modes():
     batched_step(model, BatchedSandwich(model), x, y, cfgs, [1.0] * 3, 0.1, 1.0, None, None)
     for name, buf in model.named_buffers():
         assert buf.dtype == torch.bfloat16 and torch.isfinite(buf).all(), name
+
+
+def test_kernels_import_nothing_from_engine_and_the_cuda_wrapper_no_triton():
+    """kernels/ sits below engine/ (it imports no engine.* module: no cycle between the two folders),
+    and importing the elastic layers and the CUDA extension's wrapper loads no Triton."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted((root / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            assert not any(n.split(".")[0] == "engine" for n in names), (path.name, names)
+    code = "import sys, engine.elastic, engine.elastic.cuda_ext; assert 'triton' not in sys.modules"
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

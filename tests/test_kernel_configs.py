@@ -13,7 +13,7 @@ import engine.kernels.pointwise as kpw
 from engine.elastic.batchnorm import batchnorm_reference
 from engine.elastic.conv import conv2d_reference
 from engine.elastic.depthwise import depthwise_reference
-from helpers import kernel_device
+from helpers import kernel_device, rel_err as _rel
 
 DEVICE = kernel_device()
 
@@ -37,11 +37,6 @@ def only(monkeypatch):
         monkeypatch.setattr(kernel, "configs", [config])
         monkeypatch.setattr(kernel, "cache", {})
     return set_config
-
-
-def _rel(a, b):
-    assert not torch.isnan(a).any()
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def _check(run, ref, inputs):

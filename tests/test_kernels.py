@@ -14,7 +14,7 @@ from engine.elastic.conv import conv2d_reference
 from engine.elastic.depthwise import depthwise_reference
 from engine.elastic.grouped import grouped_depthwise_reference, grouped_pointwise_reference
 
-from helpers import kernel_device
+from helpers import kernel_device, rel_err
 
 pytestmark = pytest.mark.gpu_tier
 DEVICE = kernel_device()
@@ -41,11 +41,6 @@ def poison_outputs(monkeypatch):
 
     for mod in (kbn, kdw, kpw):
         monkeypatch.setattr(mod, "empty_nchw_channels_last", poisoned)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert not torch.isnan(a).any(), "unwritten (NaN-poisoned) or NaN output"
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def _grads(y, inputs, dy):

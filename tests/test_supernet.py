@@ -155,3 +155,31 @@ def test_bn_recalibration_estimates_batch_statistics():
     means = torch.stack([stem(b).mean((0, 2, 3)) for b in batches]).mean(0)
     torch.testing.assert_close(bn.running_mean, means.detach(), rtol=1e-4, atol=1e-5)
     assert model.training  # mode restored
+
+
+@pytest.mark.parametrize("seed,position", [(0, 1), (1, 1), (2, 3)])
+def test_block_forward_with_group_tables_runs_each_subnet(seed, position):
+    """MBConvBlock.forward given the batched step's group tables: group g of the output equals the
+    block's plain forward on group g's input at config g (its own kernel size, width, SE hidden width
+    and BN batch statistics), and a group whose subnet skips the block gets its input back. Stage 1's
+    blocks (SE, residual): position 1 runs in every subnet, position 3 is skipped by the min net.
+    float64: the paths differ only by summation order (~1e-15), so 1e-9 relative catches any real
+    difference."""
+    from engine.train.batched import plan
+    from engine.train.sandwich import sample_sandwich
+
+    torch.manual_seed(seed)
+    model = ofa_mobilenetv3("cifar", width_mult=0.5, num_classes=10, dropout=0.0).double()
+    cfgs = sample_sandwich(model, "shrink", 4, "random", torch.Generator().manual_seed(seed))
+    d = model.spec.max_depth
+    j = d + position
+    block, groups = plan(model, cfgs, torch.device("cpu")).blocks[1 + j]
+    assert block.residual and block.se is not None
+    x = torch.randn(2, len(cfgs), block.max_in, 6, 6, dtype=torch.float64)
+    got = block(x.flatten(1, 2), groups).view(2, len(cfgs), block.out, 6, 6)
+    runs = [position < cfg["d"][1] for cfg in cfgs]
+    for g, cfg in enumerate(cfgs):
+        model.set_active_subnet(cfg)
+        want = block(x[:, g]) if runs[g] else x[:, g]
+        assert (got[:, g] - want).abs().max() <= 1e-9 * want.abs().max(), (g, runs[g])
+    assert position == 1 or not all(runs), "no group skips the block: the test checks less than it says"

@@ -108,11 +108,6 @@ def _note_fallback(op: str, backend: str, reason: str) -> None:
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def remember(memo: dict, key: tuple, decide: Callable[[], str]) -> str:  # noqa: ARG001
-    """`decide()`. The per-layer memo is no longer needed: `choose` costs a dictionary lookup."""
-    return decide()
-
-
 @contextlib.contextmanager
 def observe(hook: Callable[[str, torch.Tensor, dict, Callable | None], None]) -> Iterator[None]:
     """Call `hook(signature, x, limits, measure)` for every backend-"auto" call a kernel covers
@@ -168,9 +163,9 @@ def _signature(op: str, x: torch.Tensor, limits: dict, measure: Callable | None,
     return _signatures[fingerprint]
 
 
-def choose(op: str, x: torch.Tensor, limits: dict[str, Callable[[], str | None]],
-           measure: Callable[[], tuple[dict[str, Callable], list[torch.Tensor]]] | None = None,
-           key: tuple = ()) -> str:
+def implementation_for(op: str, x: torch.Tensor, limits: dict[str, Callable[[], str | None]],
+                       measure: Callable[[], tuple[dict[str, Callable], list[torch.Tensor]]] | None = None,
+                       key: tuple = ()) -> str:
     """The backend that runs one call of `op` on activations `x` (its device, dtype, shape, strides).
 
     `limits` maps a backend name to a function returning None when that backend's kernel covers

@@ -2,14 +2,14 @@
 with an optional fused activation (none / relu / h_swish)."""
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 from engine.elastic import backend
 from engine.elastic.activations import ACTIVATIONS, Activation, apply_activation
+from engine.elastic.fast_ops import batchnorm_op, running_update
+from engine.elastic.grouped import GroupSelection, grouped_batchnorm_act
 from engine.elastic.utils import check_channels, prefix
 
 
@@ -25,16 +25,6 @@ def batchnorm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     y = F.batch_norm(x, prefix(running_mean, c), prefix(running_var, c), prefix(weight, c), prefix(bias, c),
                      training, momentum, eps)
     return apply_activation(y, act)
-
-
-def fused_batchnorm_op(choice: str) -> Callable:
-    """The fused `batchnorm_act` op of backend `choice` ("triton" or "cuda"); same signature for both:
-    (x, weight, bias, running_mean, running_var, training, eps, act) -> (y, stats (2, C) [mean, biased var])."""
-    if choice == "triton":
-        from engine.kernels.batchnorm import batchnorm_act
-    else:
-        from engine.elastic.cuda_ext import batchnorm_act
-    return batchnorm_act
 
 
 class ElasticBatchNorm2d(nn.Module):
@@ -54,7 +44,6 @@ class ElasticBatchNorm2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(max_features))
         self.register_buffer("running_mean", torch.zeros(max_features))
         self.register_buffer("running_var", torch.ones(max_features))
-        self._choices: dict = {}             # backend choice per input signature (backend.remember)
 
     def reset_running_stats(self) -> None:
         """Running mean to 0 and variance to 1 (before BN re-calibration)."""
@@ -94,21 +83,35 @@ class ElasticBatchNorm2d(nn.Module):
         for running, stat in ((self.running_mean, means.to(work)), (self.running_var, unbiased)):
             running[:c] = running[:c].to(work) * keep[0] + (weights * stat).sum(0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, groups: GroupSelection | None = None) -> torch.Tensor:
+        """BN + activation of x (N, C, H, W); with `groups`, of G subnets stacked on the channel axis,
+        (N, G*C, H, W), each normalised with its own statistics (`_grouped`)."""
+        if groups is not None:
+            return self._grouped(x, groups)
         c = check_channels("features", x.shape[1], self.max_features)
-        choice = backend.remember(self._choices, (x.shape, x.dtype, x.device, self.training), lambda: backend.choose(
+        choice = backend.implementation_for(
             "batchnorm_act", x, {"triton": lambda: None, "cuda": lambda: None}, lambda: self._candidates(x),
-            key=(self.act, self.training)))
+            key=(self.act, self.training))
         if choice != "torch":
-            y, stats = fused_batchnorm_op(choice)(x, self.weight, self.bias, self.running_mean, self.running_var,
-                                                  self.training, self.eps, self.act)
+            y, stats = batchnorm_op(choice)(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                            self.training, self.eps, self.act)
             if self.training:
-                from engine.kernels.batchnorm import running_update
-
                 running_update(self.running_mean, self.running_var, stats, x.numel() // c, self.momentum)
             return y
         return batchnorm_reference(x, self.weight, self.bias, self.running_mean, self.running_var,
                                    self.training, self.momentum, self.eps, self.act)
+
+    def _grouped(self, x: torch.Tensor, groups: GroupSelection) -> torch.Tensor:
+        """Training-mode BN of stacked subnets: statistics per (group, channel) over the group's own
+        samples, zero beyond each group's width; the running statistics of the selected channels are
+        folded in group order, as the sequential loop over the subnets updates them."""
+        if not self.training:
+            raise ValueError("a grouped batch norm runs in training mode only")
+        n, _, h, w = x.shape
+        y, mean, var = grouped_batchnorm_act(x, self.weight, self.bias, groups.select.shape[0], groups.mask,
+                                             self.eps, self.act)
+        self.fold_running_stats(mean, var, n * h * w, groups.select)
+        return y
 
     def _candidates(self, x: torch.Tensor):
         """The implementations for timing, without side effects (the reference gets copies of the
@@ -118,8 +121,8 @@ class ElasticBatchNorm2d(nn.Module):
                                        self.training, self.momentum, self.eps, self.act)
 
         def fused(name):
-            return lambda: fused_batchnorm_op(name)(x, self.weight, self.bias, self.running_mean, self.running_var,
-                                                    self.training, self.eps, self.act)
+            return lambda: batchnorm_op(name)(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                              self.training, self.eps, self.act)
 
         return {"torch": reference, "triton": fused("triton"), "cuda": fused("cuda")}, [x, self.weight, self.bias]
 

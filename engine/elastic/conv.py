@@ -8,6 +8,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from engine.elastic import backend
+from engine.elastic.grouped import grouped_conv_reference, grouped_pointwise_conv
 from engine.elastic.utils import check_channels, prefix
 
 
@@ -37,21 +38,34 @@ class ElasticConv2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(max_out)) if bias else None
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         self.active_out_channels = max_out
-        self._choices: dict = {}             # backend choice per input signature (backend.remember)
 
     def set_active(self, out_channels: int) -> None:
         """Select the number of output channels (1..max_out)."""
         self.active_out_channels = check_channels("out_channels", out_channels, self.max_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, widths: torch.Tensor | None = None) -> torch.Tensor:
+        """The conv of x (N, in, H, W); with `widths` (G, 2) int32 [out_g, in_g], of G subnets stacked on
+        the channel axis, (N, G*in, H, W) -> (N, G*out, H', W'), out = active_out_channels."""
+        if widths is not None:
+            return self._grouped(x, widths)
         check_channels("in_channels", x.shape[1], self.max_in)
         out = self.active_out_channels
         impls = self._implementations(x, out)
-        choice = backend.remember(self._choices, (x.shape, x.dtype, x.device, out), lambda: backend.choose(
+        choice = backend.implementation_for(
             "pointwise_conv", x, {"triton": lambda: self._uncovered()},
             lambda: (impls, [x, self.weight] + ([self.bias] if self.bias is not None else [])),
-            key=(out, self.kernel_size, self.stride)))
+            key=(out, self.kernel_size, self.stride))
         return impls[choice]()
+
+    def _grouped(self, x: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+        """Group g reads its first in_g channels and writes its first out_g (zero beyond). A 1x1 conv
+        only: a larger one (the stem, not elastic) runs every group at full width."""
+        if self.bias is not None:
+            raise ValueError("grouped convolutions take no bias")
+        out = self.active_out_channels
+        if self.kernel_size == 1 and self.stride == 1:
+            return grouped_pointwise_conv(x, self.weight, widths, out)
+        return grouped_conv_reference(x, prefix(self.weight, out), widths.shape[0], self.stride)
 
     def _uncovered(self) -> str | None:
         """Why the pointwise kernel does not cover this layer (None: it does)."""

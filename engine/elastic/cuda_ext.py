@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-ACT_CODE = {"none": 0, "relu": 1, "h_swish": 2}
-
+from engine.kernels.contract import act_code, autocast_input, batchnorm_autograd, depthwise_autograd
 
 @functools.cache
 def load() -> object:
@@ -77,8 +76,6 @@ def _register() -> None:
     def _(grad_y, x, weight, bias, stats, training, eps, act):
         return _nhwc_like(x, *x.shape[1:]), torch.empty_like(weight), torch.empty_like(bias)
 
-    from engine.kernels.common import batchnorm_autograd, depthwise_autograd
-
     ops = torch.ops.engine_cuda
     backward, setup = depthwise_autograd(ops.depthwise_conv_backward)
     torch.library.register_autograd(lib + "depthwise_conv", backward, setup_context=setup)
@@ -88,8 +85,6 @@ def _register() -> None:
 
 def depthwise_conv(x: torch.Tensor, filt: torch.Tensor, stride: int) -> torch.Tensor:
     """Depthwise conv: x (N, C, H, W), filt (C, k, k) -> (N, C, ceil(H/s), ceil(W/s)) channels-last."""
-    from engine.kernels.common import autocast_input
-
     load()
     return torch.ops.engine_cuda.depthwise_conv(autocast_input(x), filt, stride)
 
@@ -98,10 +93,7 @@ def batchnorm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, run
                   running_var: torch.Tensor, training: bool, eps: float,
                   act: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Sliced BN + activation: (y channels-last, stats (2, C): mean and biased var); see kernels/batchnorm.py."""
-    from engine.kernels.common import autocast_input
-
-    if act not in ACT_CODE:
-        raise ValueError(f"unknown activation {act!r}; expected one of {tuple(ACT_CODE)}")
+    code = act_code(act)
     load()
     return torch.ops.engine_cuda.batchnorm_act(autocast_input(x), weight, bias, running_mean, running_var,
-                                               training, eps, ACT_CODE[act])
+                                               training, eps, code)

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 from engine.elastic import backend
+from engine.elastic.fast_ops import depthwise_op
+from engine.elastic.grouped import KernelGroups, grouped_depthwise_conv
 from engine.elastic.utils import check_channels, check_choice
 
 
@@ -38,20 +40,9 @@ def depthwise_reference(x: torch.Tensor, filt: torch.Tensor, stride: int) -> tor
     return F.conv2d(x, filt.unsqueeze(1), None, stride, k // 2, 1, c)
 
 
-BACKENDS = ("torch", "triton", "cuda")
-
-
-def depthwise_op(choice: str) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
-    """The depthwise conv (x, filt (C, k, k), stride) -> y of backend `choice`."""
-    if choice == "triton":
-        from engine.kernels.depthwise import depthwise_conv
-
-        return depthwise_conv
-    if choice == "cuda":
-        from engine.elastic.cuda_ext import depthwise_conv
-
-        return depthwise_conv
-    return depthwise_reference
+def _depthwise(choice: str, x: torch.Tensor, filt: torch.Tensor, stride: int) -> torch.Tensor:
+    """The depthwise conv on backend `choice`."""
+    return (depthwise_reference if choice == "torch" else depthwise_op(choice))(x, filt, stride)
 
 
 class ElasticDepthwiseConv2d(nn.Module):
@@ -77,7 +68,6 @@ class ElasticDepthwiseConv2d(nn.Module):
             f"{src}to{dst}": nn.Parameter(torch.eye(dst * dst)) for src, dst in zip(ks[:0:-1], ks[-2::-1])
         })
         self.active_kernel_size = kmax
-        self._choices: dict = {}             # backend choice per input signature (backend.remember)
 
     def set_active(self, kernel_size: int) -> None:
         """Select the kernel size (one of `kernel_sizes`)."""
@@ -88,15 +78,32 @@ class ElasticDepthwiseConv2d(nn.Module):
         return transformed_filter(self.weight, self.transforms, self.kernel_sizes, channels,
                                   self.active_kernel_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def grouped_filter(self, channels: int, kernel_sizes: Sequence[int]) -> torch.Tensor:
+        """(G*channels, kmax, kmax): group g's transformed k_g x k_g filter zero-embedded in the largest
+        kernel (each distinct kernel size is transformed once)."""
+        kmax = self.kernel_sizes[-1]
+        padded = {}
+        for k in sorted(set(kernel_sizes)):
+            p = (kmax - k) // 2
+            filt = transformed_filter(self.weight, self.transforms, self.kernel_sizes, channels, k)
+            padded[k] = F.pad(filt, (p, p, p, p))
+        return torch.cat([padded[k] for k in kernel_sizes])
+
+    def forward(self, x: torch.Tensor, groups: KernelGroups | None = None) -> torch.Tensor:
+        """Depthwise conv of x (N, C, H, W) at the active kernel size; with `groups`, of G subnets
+        stacked on the channel axis, (N, G*C, H, W), each at its own kernel size and width."""
+        if groups is not None:
+            filt = self.grouped_filter(x.shape[1] // groups.limits.shape[0], groups.kernel_sizes)
+            return grouped_depthwise_conv(x, filt, self.stride, groups.limits)
         c = check_channels("channels", x.shape[1], self.max_channels)
         filt = self.active_filter(c)
         k, stride = self.active_kernel_size, self.stride
-        choice = backend.remember(self._choices, (x.shape, x.dtype, x.device, k), lambda: backend.choose(
+        choice = backend.implementation_for(
             "depthwise_conv", x, {"triton": lambda: None, "cuda": lambda: None},
-            lambda: ({name: (lambda name=name: depthwise_op(name)(x, filt, stride)) for name in BACKENDS}, [x, filt]),
-            key=(k, stride)))
-        return depthwise_op(choice)(x, filt, stride)
+            lambda: ({name: (lambda name=name: _depthwise(name, x, filt, stride)) for name in backend.BACKENDS},
+                     [x, filt]),
+            key=(k, stride))
+        return _depthwise(choice, x, filt, stride)
 
     def export(self, channels: int) -> nn.Conv2d:
         """A plain depthwise nn.Conv2d holding the active (transformed) filter."""

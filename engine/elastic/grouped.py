@@ -5,19 +5,65 @@ Per-group settings come as small int32 tensors on the activations' device (no ho
 shapes every step): `widths` (G, 2) = [out width, in width] for a pointwise conv, `limits` (G, 2) =
 [kernel size, channels] for a depthwise conv. Outputs beyond a group's width are zero, and inputs
 beyond it are ignored, so a narrow subnet's values and gradients are exactly its own.
-Each op has a PyTorch reference here and a Triton kernel (engine.kernels), chosen by backend.choose.
+Each op has a PyTorch reference here and a Triton kernel (engine.kernels), chosen by backend.implementation_for.
+The elastic layers run these ops when their forward is given a group table (see `GroupSelection`,
+`KernelGroups`); the supernet's block and net forwards pass the tables through.
 """
 from __future__ import annotations
+
+import importlib
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from engine.elastic import backend
 from engine.elastic.activations import apply_activation
-from engine.elastic.batchnorm import fused_batchnorm_op
-from engine.elastic.utils import check_depthwise_filter
+from engine.elastic.fast_ops import batchnorm_op
+from engine.kernels.contract import check_depthwise_filter
 
-_CHOICES: dict = {}                      # backend choice per call signature (backend.remember)
+
+
+class GroupSelection(NamedTuple):
+    """The live channels of a stacked BN input (N, G*C, H, W): `mask` (G*C,) 0/1 zeroes each group's
+    channels beyond its width (None: all live); `select` (G, C) bool marks the live channels of the
+    groups that run the layer (only their statistics are folded into the running ones)."""
+
+    mask: torch.Tensor | None
+    select: torch.Tensor
+
+
+class KernelGroups(NamedTuple):
+    """A grouped depthwise conv's settings: `limits` (G, 2) int32 [k_g, c_g] on the device, and the
+    same kernel sizes on the host (which transformed filters to build)."""
+
+    limits: torch.Tensor
+    kernel_sizes: tuple[int, ...]
+
+
+def group_selection(active: torch.Tensor, channels: int, widths: torch.Tensor | None = None) -> GroupSelection:
+    """The channels of each group within its width `widths` (G,) (None: all `channels`), of the
+    groups with active[g] != 0."""
+    groups = active.shape[0]
+    select = active.bool()[:, None].expand(groups, channels)
+    if widths is None:
+        return GroupSelection(None, select)
+    mask = channel_mask(widths, channels, torch.float32)
+    return GroupSelection(mask, select & (mask.view(groups, channels) > 0))
+
+
+def _dispatched(op: str, signature: tuple, x: torch.Tensor, impls: dict[str, Callable], inputs: list,
+                key: tuple) -> object:
+    """Run `impls` (backend name -> zero-argument call, "torch" the reference) on the backend chosen
+    for this call `signature`; every fast implementation covers every call."""
+    fast = {name: (lambda: None) for name in impls if name != "torch"}
+    choice = backend.implementation_for(op, x, fast, lambda: (impls, inputs), key=key)
+    return impls[choice]()
+
+
+def _triton(family: str, name: str, *args) -> Callable[[], object]:
+    """A call of the Triton op engine.kernels.<family>.<name> (imported on first use) on `args`."""
+    return lambda: getattr(importlib.import_module(f"engine.kernels.{family}"), name)(*args)
 
 
 def channel_mask(widths: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Tensor:
@@ -54,16 +100,17 @@ def grouped_pointwise_conv(x: torch.Tensor, weight: torch.Tensor, widths: torch.
     cin = _check(x, widths, "widths")
     if weight.shape[-2:] != (1, 1) or out_per_group > weight.shape[0] or cin > weight.shape[1]:
         raise ValueError(f"weight {tuple(weight.shape)} cannot serve {out_per_group} x {cin} pointwise groups")
-    def triton() -> torch.Tensor:
-        from engine.kernels.pointwise import grouped_pointwise_conv as kernel
+    impls = {"torch": lambda: grouped_pointwise_reference(x, weight, widths, out_per_group),
+             "triton": _triton("pointwise", "grouped_pointwise_conv", x, weight, widths, out_per_group)}
+    return _dispatched("grouped_pointwise_conv", ("pw", x.shape, x.dtype, x.device, out_per_group), x, impls,
+                       [x, weight], (out_per_group, widths.shape[0]))
 
-        return kernel(x, weight, widths, out_per_group)
 
-    impls = {"torch": lambda: grouped_pointwise_reference(x, weight, widths, out_per_group), "triton": triton}
-    choice = backend.remember(_CHOICES, ("pw", x.shape, x.dtype, x.device, out_per_group), lambda: backend.choose(
-        "grouped_pointwise_conv", x, {"triton": lambda: None}, lambda: (impls, [x, weight]),
-        key=(out_per_group, widths.shape[0])))
-    return impls[choice]()
+def grouped_conv_reference(x: torch.Tensor, weight: torch.Tensor, groups: int, stride: int) -> torch.Tensor:
+    """G full-width regular convs sharing `weight` (out, in, k, k): x (N, G*in, H, W) -> (N, G*out, H', W'),
+    "same" padding k // 2 (the stem, whose widths are not elastic)."""
+    k = weight.shape[-1]
+    return F.conv2d(x, weight.repeat(groups, 1, 1, 1), None, stride, k // 2, 1, groups)
 
 
 def grouped_depthwise_reference(x: torch.Tensor, filt: torch.Tensor, stride: int,
@@ -88,16 +135,10 @@ def grouped_depthwise_conv(x: torch.Tensor, filt: torch.Tensor, stride: int, lim
     check_depthwise_filter(x, filt)
     if stride not in (1, 2):
         raise ValueError(f"stride={stride} is not 1 or 2")
-    def triton() -> torch.Tensor:
-        from engine.kernels.depthwise import grouped_depthwise_conv as kernel
-
-        return kernel(x, filt, stride, limits)
-
-    impls = {"torch": lambda: grouped_depthwise_reference(x, filt, stride, limits), "triton": triton}
-    choice = backend.remember(_CHOICES, ("dw", x.shape, x.dtype, x.device, stride), lambda: backend.choose(
-        "grouped_depthwise_conv", x, {"triton": lambda: None}, lambda: (impls, [x, filt]),
-        key=(stride, limits.shape[0])))
-    return impls[choice]()
+    impls = {"torch": lambda: grouped_depthwise_reference(x, filt, stride, limits),
+             "triton": _triton("depthwise", "grouped_depthwise_conv", x, filt, stride, limits)}
+    return _dispatched("grouped_depthwise_conv", ("dw", x.shape, x.dtype, x.device, stride), x, impls, [x, filt],
+                       (stride, limits.shape[0]))
 
 
 def grouped_batchnorm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
@@ -127,14 +168,12 @@ def grouped_batchnorm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     def fused(name: str):
         def run() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             # training mode: the op ignores its running-statistics arguments, any (G*C,) tensors do
-            y, stats = fused_batchnorm_op(name)(x, gamma, beta, gamma.detach(), gamma.detach(), True, eps, act)
+            y, stats = batchnorm_op(name)(x, gamma, beta, gamma.detach(), gamma.detach(), True, eps, act)
             return y, stats[0], stats[1]
         return run
 
     impls = {"torch": lambda: grouped_batchnorm_reference(x, gamma, beta, eps, act), "triton": fused("triton"),
              "cuda": fused("cuda")}
-    choice = backend.remember(_CHOICES, ("bn", x.shape, x.dtype, x.device, act), lambda: backend.choose(
-        "batchnorm_act", x, {"triton": lambda: None, "cuda": lambda: None}, lambda: (impls, [x, gamma, beta]),
-        key=(act, True)))
-    y, mean, var = impls[choice]()
+    y, mean, var = _dispatched("batchnorm_act", ("bn", x.shape, x.dtype, x.device, act), x, impls, [x, gamma, beta],
+                               (act, True))
     return y, mean.view(groups, channels), var.view(groups, channels)

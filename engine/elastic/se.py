@@ -7,6 +7,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from engine.elastic.activations import hard_sigmoid
+from engine.elastic.grouped import channel_mask
 from engine.elastic.linear import ElasticLinear
 from engine.elastic.utils import check_channels, make_divisible, prefix
 
@@ -51,7 +52,11 @@ class ElasticSE(nn.Module):
         self.reduce.set_active(se_mid_channels(channels))
         self.expand.set_active(channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, widths: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, C, H, W) gated per channel; with `widths` (G, 2) int32 [hidden_g, c_g], G subnets
+        stacked on the channel axis, (N, G*C, H, W), group g with its own hidden width (`_grouped`)."""
+        if widths is not None:
+            return self._grouped(x, widths)
         c = check_channels("channels", x.shape[1], self.max_channels)
         mid = se_mid_channels(c)
         r, e = self.reduce, self.expand
@@ -61,6 +66,19 @@ class ElasticSE(nn.Module):
         y = F.relu(F.conv2d(y, prefix(prefix(r.weight, mid), c, 1).view(mid, c, 1, 1), prefix(r.bias, mid)))
         y = hard_sigmoid(F.conv2d(y, prefix(prefix(e.weight, c), mid, 1).view(c, mid, 1, 1), prefix(e.bias, c)))
         return x * y
+
+    def _grouped(self, x: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+        """Channels beyond a group's width are zero in x (so are their gates' inputs), so only the
+        hidden units need a mask; the widest group's hidden width is se_mid_channels(C)."""
+        groups = widths.shape[0]
+        n, c = x.shape[0], x.shape[1] // groups
+        hidden = se_mid_channels(c)
+        s = x.mean((2, 3)).view(n, groups, c)                                              # (N, G, C)
+        r, e = self.reduce, self.expand
+        z = F.relu(F.linear(s, r.weight[:hidden, :c], r.bias[:hidden]))                   # (N, G, hidden)
+        z = z * channel_mask(widths[:, 0], hidden, z.dtype).view(groups, hidden)
+        gate = hard_sigmoid(F.linear(z, e.weight[:c, :hidden], e.bias[:c]))                # (N, G, C)
+        return x * gate.reshape(n, groups * c)[:, :, None, None]
 
     def export(self, channels: int) -> SqueezeExcite:
         """A plain SqueezeExcite holding copies of the active slices."""

@@ -30,12 +30,6 @@ def check_choice(name: str, value: int, choices: Iterable[int]) -> int:
     return value
 
 
-def check_depthwise_filter(x: torch.Tensor, filt: torch.Tensor) -> None:
-    """Raise ValueError unless filt is (C, k, k) with odd k for x (N, C, H, W)."""
-    if filt.dim() != 3 or filt.shape[0] != x.shape[1] or filt.shape[1] != filt.shape[2] or filt.shape[1] % 2 == 0:
-        raise ValueError(f"filter shape {tuple(filt.shape)} does not fit input {tuple(x.shape)}")
-
-
 def prefix(t: torch.Tensor, n: int, dim: int = 0) -> torch.Tensor:
     """t[:n] along `dim`, or t itself when that is all of it (a full-width layer dispatches no slice)."""
     return t if t.shape[dim] == n else t.narrow(dim, 0, n)

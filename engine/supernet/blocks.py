@@ -9,7 +9,9 @@ from torch import nn
 
 from engine.elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticDepthwiseConv2d, ElasticSE
 from engine.elastic.fused import conv_bn
+from engine.elastic.grouped import GroupSelection
 from engine.elastic.utils import check_choice, make_divisible
+from engine.supernet.groups import UNGROUPED, BlockGroups
 
 
 class ConvBNAct(nn.Module):
@@ -21,8 +23,10 @@ class ConvBNAct(nn.Module):
         self.conv = ElasticConv2d(max_in, max_out, kernel_size, stride)
         self.bn = ElasticBatchNorm2d(max_out, bn_momentum, bn_eps, act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(x))
+    def forward(self, x: torch.Tensor, widths: torch.Tensor | None = None,
+                groups: GroupSelection | None = None) -> torch.Tensor:
+        """With `widths` and `groups`: G stacked subnets (the layers' grouped forms)."""
+        return self.bn(self.conv(x, widths), groups)
 
     def export(self, in_channels: int) -> nn.Sequential:
         return nn.Sequential(self.conv.export(in_channels), self.bn.export(self.conv.active_out_channels))
@@ -77,15 +81,22 @@ class MBConvBlock(nn.Module):
         self.dw_conv.set_active(kernel_size)
         self.active_expand_ratio = check_choice("expand_ratio", expand_ratio, self.expand_ratios)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, groups: BlockGroups | None = None) -> torch.Tensor:
+        """The active subnet's block on x (N, in, H, W) -> (N, out, H/s, W/s). With `groups`, G subnets
+        stacked on the channel axis, (N, G*in, H, W) -> (N, G*out, H/s, W/s), each at its own settings
+        (the batched sandwich); the same code runs, each layer in its grouped form."""
+        g = groups if groups is not None else UNGROUPED
         h = x
         if self.has_expand:
-            self.ib_conv.set_active(self.mid_channels(x.shape[1]))
-            h = conv_bn(self.ib_conv, self.ib_bn, h)          # (N, mid, H, W)
-        h = self.dw_bn(self.dw_conv(h))                      # (N, mid, H/s, W/s)
+            self.ib_conv.set_active(self.mid_channels(x.shape[1]) if groups is None else groups.mid_channels)
+            h = conv_bn(self.ib_conv, self.ib_bn, h, None, g.expand, g.mid)            # (N, mid, H, W)
+        h = self.dw_bn(self.dw_conv(h, g.depthwise), g.mid)                          # (N, mid, H/s, W/s)
         if self.se is not None:
-            h = self.se(h)
-        return conv_bn(self.pw_conv, self.pw_bn, h, x if self.residual else None)   # (N, out, H/s, W/s)
+            h = self.se(h, g.se)
+        y = conv_bn(self.pw_conv, self.pw_bn, h, x if self.residual else None, g.project, g.out)
+        if groups is not None and self.residual:          # only residual blocks can be skipped
+            y = groups.pass_skipped(y, x)
+        return y                                                                     # (N, out, H/s, W/s)
 
     def export(self, in_channels: int) -> StaticMBConv:
         mid = self.mid_channels(in_channels)

@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from engine.elastic import Activation, ElasticConv2d, ElasticLinear, apply_activation
 from engine.supernet import arch
 from engine.supernet.blocks import ConvBNAct, MBConvBlock
+from engine.supernet.groups import NetGroups
 
 
 class OFAMobileNetV3(nn.Module):
@@ -80,14 +81,19 @@ class OFAMobileNetV3(nn.Module):
         return [self.blocks[s * d + i] for s, depth in enumerate(self.active_depths) for i in range(depth)]
 
     # ---- forward ------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.first_block(self.first_conv(x))
-        for block in self.active_blocks():
-            x = block(x)
-        x = self.final_expand(x)                                       # (N, 960w, h, w)
-        x = x.mean((2, 3), keepdim=True)                               # (N, 960w, 1, 1)
-        x = apply_activation(self.feature_mix(x), "h_swish").flatten(1)  # (N, 1280w)
-        return self.classifier(self.dropout(x))
+    def forward(self, x: torch.Tensor, groups: NetGroups | None = None) -> torch.Tensor:
+        """Logits of the active subnet. With `groups` (the batched sandwich), x is (N, G*3, R, R), the
+        images repeated for G subnets stacked on the channel axis, each run at its own settings by the
+        same code (the layers' grouped forms) -> (N, G, num_classes)."""
+        g = groups if groups is not None else NetGroups([(b, None) for b in [self.first_block, *self.active_blocks()]])
+        x = self.first_conv(x, *g.stem)
+        for block, block_groups in g.blocks:
+            x = block(x, block_groups)
+        x = self.final_expand(x, *g.final)                             # (N, G*960w, h, w)
+        x = x.mean((2, 3), keepdim=True)                               # (N, G*960w, 1, 1)
+        x = apply_activation(self.feature_mix(x, g.mix), "h_swish").flatten(1)  # (N, G*1280w)
+        x = self.dropout(x)
+        return self.classifier(x if groups is None else x.view(x.shape[0], groups.count, -1))
 
     # ---- deployment and cost ------------------------------------------------------------------
     def export_active_subnet(self) -> nn.Sequential:

@@ -65,7 +65,7 @@ class TrainConfig:
     dali: bool = _opt(False, "DALI data pipeline (GPU decoding; CPU operators without a GPU)")
     skip_corrupt: bool = _opt(False, "verify every image file up front and leave out unreadable ones (and, with "
                                      "--dali, non-JPEG ones) from training, BN calibration and evaluation")
-    sandwich: str = _opt("auto", "sequential, batched (all K subnets in one pass), or auto (sequential)")
+    sandwich: str = _opt("sequential", "sequential or batched (all K subnets in one pass)")
     backend: str = _opt("auto", "elastic-layer backend: auto (the tuned dispatch table), torch, triton or cuda")
     tune: str = _opt("auto", "dispatch table for backend auto: auto (load the cached table, tune what it lacks "
                              "before step 0), off (the reference everywhere) or PATH (this table only)")
@@ -105,7 +105,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 CHOICES = {"method": METHODS, "dataset": DATASETS, "sampler": ("random", "compound"),
-           "variant": ("cifar", "imagenet"), "sandwich": ("auto", "sequential", "batched"),
+           "variant": ("cifar", "imagenet"), "sandwich": ("sequential", "batched"),
            "backend": ("auto", "torch", "triton", "cuda"), "compile": ("auto", "off", "teacher", "blocks", "all")}
 # total stride of each supernet variant: the last stage's feature map is resolution / this
 TOTAL_STRIDE = {"cifar": 8, "imagenet": 32}

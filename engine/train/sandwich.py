@@ -45,15 +45,6 @@ class StepResult:
     losses: torch.Tensor          # (K,) float32: the max net's CE, then each subnet's unweighted KD loss
     grads_bad: torch.Tensor       # (K,) bool: subnet k's backward left a non-finite gradient (k and later)
 
-    @property
-    def loss_max(self) -> torch.Tensor:
-        return self.losses[0]
-
-    @property
-    def loss_subnets(self) -> torch.Tensor:
-        """Mean unweighted KD loss of the subnets after the max net (0 if none)."""
-        return self.losses[1:].mean() if self.losses.shape[0] > 1 else torch.zeros_like(self.losses[0])
-
 
 def touch_all(model: nn.Module) -> torch.Tensor:
     """0 * sum of every parameter: gives each one a (zero) gradient in this backward, so DDP's
@@ -62,13 +53,14 @@ def touch_all(model: nn.Module) -> torch.Tensor:
 
 
 def sequential_step(model: OFAMobileNetV3, net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                    cfgs: list[dict], betas: list[float], label_smoothing: float, temperature: float,
+                    cfgs: list[dict], epsilons: list[float], label_smoothing: float, temperature: float,
                     scaler: torch.amp.GradScaler | None, amp_dtype: torch.dtype | None,
                     check_grads: bool = False) -> StepResult:
     """Forward/backward each subnet in turn; gradients accumulate in .grad (no optimizer step).
 
-    cfgs[0] must be the max net: it is trained on `labels` with label-smoothed CE (weight betas[0]);
-    every later subnet k is distilled from its detached soft labels with weight betas[k].
+    cfgs[0] must be the max net: it is trained on `labels` with label-smoothed CE;
+    every later subnet k is distilled from its detached soft labels. Loss k is weighted by epsilons[k]:
+    the max net's multiplier, then DεpS's ε times each subnet's multiplier (docs/method.md).
     `net` is `model` or its DDP wrapper (only the last backward synchronises), either of them possibly
     torch.compile'd. With `check_grads`,
     the gradients are checked for inf/NaN after each subnet's backward (on the device).
@@ -76,7 +68,7 @@ def sequential_step(model: OFAMobileNetV3, net: nn.Module, images: torch.Tensor,
     inner = unwrap(net)
     ddp = isinstance(inner, nn.parallel.DistributedDataParallel)
     losses, bad, targets = [], [], None
-    for i, (cfg, beta) in enumerate(zip(cfgs, betas)):
+    for i, (cfg, epsilon) in enumerate(zip(cfgs, epsilons)):
         model.set_active_subnet(cfg)
         last = i == len(cfgs) - 1
         with (inner.no_sync() if ddp and not last else contextlib.nullcontext()):
@@ -87,7 +79,7 @@ def sequential_step(model: OFAMobileNetV3, net: nn.Module, images: torch.Tensor,
                 targets = soft_labels(logits, temperature)
             else:
                 loss = kd_loss(logits, targets, temperature)
-            weighted = loss * beta + (touch_all(model) if ddp and last else 0.0)
+            weighted = loss * epsilon + (touch_all(model) if ddp and last else 0.0)
             (scaler.scale(weighted) if scaler is not None else weighted).backward()
         losses.append(loss.detach().float())
         if check_grads:

@@ -3,9 +3,9 @@
 DεpS (docs/method.md), with E epochs, T teacher epochs, W subnet warm-up epochs:
   epochs [0, T - W): teacher phase, max net only;
   epochs [T - W, T): sandwich, the subnets' effective lr rises linearly from 0 to
-                     multiplier * lr(T) over W * steps_per_epoch steps; beta = effective / lr(t);
-  epochs >= T: beta = multiplier.
-Baselines: BigNAS (sandwich from step 0, beta = multiplier), OFA progressive shrinking (teacher,
+                     multiplier * lr(T) over W * steps_per_epoch steps; ε = effective / lr(t);
+  epochs >= T: ε = multiplier.
+Baselines: BigNAS (sandwich from step 0, ε = multiplier), OFA progressive shrinking (teacher,
 then kernel -> depth -> width phases of equal length), CompOFA (teacher, then compound sandwich).
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ def make_plan(method: str, epochs: int, teacher_epochs: float, warmup_epochs: fl
     return Plan(method, epochs, teacher_epochs, 0, "compound")
 
 
-def subnet_beta(step: int, steps_per_epoch: int, plan: Plan, multiplier: float, total_steps: int,
+def subnet_epsilon(step: int, steps_per_epoch: int, plan: Plan, multiplier: float, total_steps: int,
                 base_lr: float) -> float:
     """ε weight of a subnet loss at `step` (0 in the teacher phase)."""
     start = plan.shrink_start * steps_per_epoch
@@ -71,3 +71,6 @@ def subnet_beta(step: int, steps_per_epoch: int, plan: Plan, multiplier: float, 
     lr_T = cosine_lr(int(round(start + ramp)), total_steps, base_lr)
     effective = multiplier * lr_T * (step - start) / ramp
     return effective / lr_t if lr_t > 0 else 0.0
+
+
+subnet_beta = subnet_epsilon     # the name trainer.py imports until it is renamed there
