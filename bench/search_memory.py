@@ -3,8 +3,8 @@
 Generates ImageFolder trees (train/ and val/, ImageNet-like JPEGs: 375x500 crops of scikit-learn's
 photos, bench/loader_throughput.make_jpegs) of increasing size, and a checkpoint of a small randomly
 initialised ImageNet-variant supernet whose run config points at the tree (ImageNet transforms:
-resize + crop to --resolution). Each size runs the whole search (held-out fitness on the default tenth
-of the training split, BN calibration, val top-1 of the chosen subnet over the whole val split, export)
+resize + crop to --resolution). Each size runs the whole search (held-out fitness on a tenth of the
+training split, BN calibration, val top-1 of the chosen subnet over the whole val split, export)
 in a fresh process and records that process's peak RSS (getrusage ru_maxrss).
 
   python bench/search_memory.py                       # 1,000 / 2,000 / 4,000 training images
@@ -28,7 +28,8 @@ from bench.common import environment, write_json  # noqa: E402
 from bench.loader_throughput import make_jpegs  # noqa: E402
 
 CHILD = ("import json, resource, sys; from engine.search.__main__ import main; rc = main(sys.argv[1:]); "
-         "print('RESULT', json.dumps({'rc': rc, 'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
+         "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; "
+         "print('RESULT', json.dumps({'rc': rc, 'peak_rss_mb': peak}))")
 
 
 def make_checkpoint(path: Path, tree: Path, resolution: int) -> float:
@@ -52,15 +53,15 @@ def measure(root: Path, images: int, resolution: int) -> dict:
     make_jpegs(tree / "val", images // 4)
     budget = make_checkpoint(root / f"ck{images}.pt", tree, resolution)
     argv = ["--checkpoint", str(root / f"ck{images}.pt"), "--max-mflops", f"{budget:.3f}", "--population", "2",
-            "--generations", "1", "--compare-random", "0", "--calib-images", "64", "--batch-size", "64",
+            "--generations", "1", "--compare-random", "0", "--heldout-images", str(images // 10), "--calib-images", "64", "--batch-size", "64",
             "--no-progress", "--device", "cpu", "--out", str(root / f"out{images}")]
     t0 = time.perf_counter()
     run = subprocess.run([sys.executable, "-c", CHILD, *argv], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parent.parent)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-    if run.returncode != 0 or not lines:
+    result = json.loads(lines[0][7:]) if lines else {"rc": run.returncode}
+    if result["rc"] != 0:
         raise RuntimeError(f"search failed on {images} images:\n{run.stderr[-2000:]}")
-    result = json.loads(lines[0][7:])
     summary = json.loads((root / f"out{images}" / "search.json").read_text())
     return {"train_images": images, "val_images": images // 4, **summary["data"], **result,
             "seconds": time.perf_counter() - t0}

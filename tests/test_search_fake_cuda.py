@@ -47,8 +47,8 @@ def test_cost_tables_run_on_the_models_device(tiny):
         table = FlopTable(model, 8)                       # crashed here before the fix (CPU probe, CUDA model)
     assert table(space.smallest()) == want(space.smallest()) and table(space.largest()) == want(space.largest())
     rows = [[[k, e, 1.0] for k in (3, 5) for e in (3, 4)] for _ in want.blocks]
-    lut = LatencyTable({"spec": tiny.spec.to_dict(), "resolution": 8, "blocks": rows, "fixed_ms": 2.0}, tiny.spec.to_dict(),
-                       8, tiny.spec.max_depth)
+    spec = tiny.spec.to_dict()
+    lut = LatencyTable({"spec": spec, "resolution": 8, "blocks": rows, "fixed_ms": 2.0}, spec, 8, tiny.spec.max_depth)
     assert lut(space.smallest()) == 2.0 + sum(space.smallest()["d"])
 
 
