@@ -48,6 +48,7 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--random", type=int, default=50, help="random subnets per seed (default: 50)")
     p.add_argument("--generations", type=int, default=10, help="generations of the search (default: 10)")
+    p.add_argument("--calib-images", type=int, default=256, help="BN re-calibration images (default: 256)")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args()
     model, run_cfg = load_supernet(args.checkpoint)
@@ -55,7 +56,8 @@ def main() -> int:
     budget = round((table(space.smallest()) + table(space.largest())) / 2e6, 2)
     with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(len(args.seeds)) as pool:   # one seed each
         argv = ["--checkpoint", args.checkpoint, "--max-mflops", str(budget), "--compare-random", str(args.random),
-                "--generations", str(args.generations), "--device", "cpu", "--no-progress"]
+                "--generations", str(args.generations), "--calib-images", str(args.calib_images), "--device", "cpu",
+                "--no-progress"]
         rows = list(pool.map(one_seed, [(argv, seed, Path(tmp) / f"seed{seed}") for seed in args.seeds]))
     if any(r is None for r in rows):
         return 2
