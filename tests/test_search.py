@@ -137,7 +137,7 @@ def test_search_is_deterministic_with_the_predictor(run):
                      "--predictor", "--predictor-samples", "10", *SMALL, "--compare-random", "0"]) == 0
         summary = json.loads((out / "search.json").read_text())
         assert {"rmse_top1", "kendall_tau"} <= set(summary["predictor"])
-        chosen.append(summary["chosen"])
+        chosen.append(summary["budgets"][0]["chosen"])
     assert chosen[0] == chosen[1]
 
 
