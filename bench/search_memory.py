@@ -53,7 +53,8 @@ def measure(root: Path, images: int, resolution: int) -> dict:
     make_jpegs(tree / "val", images // 4)
     budget = make_checkpoint(root / f"ck{images}.pt", tree, resolution)
     argv = ["--checkpoint", str(root / f"ck{images}.pt"), "--max-mflops", f"{budget:.3f}", "--population", "2",
-            "--generations", "1", "--compare-random", "0", "--heldout-images", str(images // 10), "--calib-images", "64", "--batch-size", "64",
+            "--generations", "1", "--compare-random", "0", "--heldout-images", str(images // 10),
+            "--calib-images", "64", "--batch-size", "64",
             "--no-progress", "--device", "cpu", "--out", str(root / f"out{images}")]
     t0 = time.perf_counter()
     run = subprocess.run([sys.executable, "-c", CHILD, *argv], capture_output=True, text=True,
