@@ -1,101 +1,71 @@
-"""`python -m engine.search --checkpoint RUN/checkpoint.pt --max-mflops 300`: specialise a trained supernet.
+"""`python -m engine.search --checkpoint RUN/checkpoint.pt --max-mflops 100,150,200`: specialise a trained
+supernet, one chosen and exported subnet per budget.
 
-Finds the most accurate subnet within a FLOPs budget (--max-mflops) or a latency budget
-(--max-latency-ms, timed on --latency-device at --latency-batch), by evolutionary search over the
-supernet's configs (engine/search/evolution.py). A candidate's accuracy is measured (BN re-calibrated on
-training images, top-1 on the validation split, cached per config) or, with --predictor, predicted by a
-ridge regression fitted on measured subnets (its fit error is reported). The best of --compare-random
-random subnets within the same budget is measured beside it.
+Finds the most accurate subnet within each FLOPs budget (--max-mflops) or latency budget (--max-latency-ms:
+predicted from a --latency-table measured on the deployment device, or timed here on --latency-device at
+--latency-batch) by evolutionary search over the supernet's configs (engine/search/evolution.py), one
+evolution per budget over one shared history of measured subnets: each budget's subnet is the best of
+that whole history within the budget. A candidate's fitness is its top-1 on a seeded held-out subset of
+the TRAINING split (--heldout-images), BN re-calibrated on other training images (cached per config),
+or, with --predictor, a ridge regression fitted on measured subnets (its fit error is reported). Only
+the chosen subnets are evaluated on the validation split, once each: "val top-1" is reported apart from
+the "search top-1 (held-out)" the selection used. --compare-random random subnets per budget are
+measured on the held-out images beside it. Images stream from the run's dataset with its resolution,
+normalisation and --skip-corrupt, a batch at a time.
 
-Writes into the output folder (default <run>/search-<budget>/): front.csv and front.png (top-1 vs cost
-of every measured subnet, the searched front beside the random, min and max subnets), chosen.json (the
-config, its cost and accuracy), search.json (settings, per-generation best, the random baseline,
-predictor fit, timings) and the chosen subnet exported with its re-calibrated BN (subnet.pt,
-subnet.pt2 and subnet.onnx when onnx is installed; engine/search/export.py), each checked against
-the supernet. Exit codes: 0 done, 2 bad input (checkpoint, budget, data, settings).
+Writes into the output folder (new or empty; default <run>/search-<budgets>/): front.csv and front.png
+(held-out top-1 vs cost of every measured subnet, the chosen ones marked), search.json (settings, data
+sizes, per budget: chosen subnet, history, random baseline, export checks; timings) and per budget a
+folder <budget>/ with chosen.json and the subnet exported with its re-calibrated BN (subnet.pt,
+subnet.pt2 and a self-contained subnet.onnx when onnx is installed; engine/search/export.py), each
+checked against the supernet. Exit codes: 0 done, 2 bad input (settings, checkpoint, budget, data).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import random
+import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from engine.data.loader import calibration_batches, load_data, shard_loader
+from engine.data.loader import load_data
+from engine.eval.evaluate import top1
 from engine.search.accuracy import MeasuredAccuracy, RidgePredictor, config_key, features, fit_report
-from engine.search.costs import FlopTable, LatencyMeter
+from engine.search.costs import FlopTable, LatencyMeter, LatencyTable
 from engine.search.evolution import SearchSpace, evolve, sample_within
 from engine.search.export import export_subnet
+from engine.search.heldout import SearchImages, search_images
 from engine.search.report import write_front
+from engine.search.settings import BadInput, check, parser
 from engine.supernet import OFAMobileNetV3, SupernetSpec
 from engine.train import checkpoint
 
 log = logging.getLogger("engine.search")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m engine.search", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by python -m engine.train")
-    budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--max-mflops", type=float, help="FLOPs budget, millions per image (2 x MACs)")
-    budget.add_argument("--max-latency-ms", type=float, help="latency budget, milliseconds per batch")
-    p.add_argument("--latency-device", default="cpu", help="device the latency is measured on: cpu or cuda "
-                                                          "(default: cpu)")
-    p.add_argument("--latency-batch", type=int, default=1, help="batch size of the latency measurement (default: 1)")
-    p.add_argument("--population", type=int, default=20, help="subnets per generation (default: 20)")
-    p.add_argument("--generations", type=int, default=10, help="generations (default: 10)")
-    p.add_argument("--parent-ratio", type=float, default=0.25, help="share of each generation kept as parents "
-                                                                    "(default: 0.25)")
-    p.add_argument("--mutation-ratio", type=float, default=0.5, help="share of the children made by mutation, the "
-                                                                     "rest by crossover (default: 0.5)")
-    p.add_argument("--mutate-prob", type=float, default=0.1, help="probability a gene is resampled in a mutation "
-                                                                  "(default: 0.1)")
-    p.add_argument("--predictor", action="store_true", help="search on an accuracy predictor fitted on measured "
-                                                            "subnets instead of measuring every candidate")
-    p.add_argument("--predictor-samples", type=int, default=100, help="subnets measured to fit the predictor "
-                                                                      "(default: 100)")
-    p.add_argument("--compare-random", type=int, default=50, help="random subnets within the budget measured for "
-                                                                  "comparison (default: 50; 0: none)")
-    p.add_argument("--calib-images", type=int, default=256, help="training images for BN re-calibration per subnet "
-                                                                 "(default: 256; more for large images)")
-    p.add_argument("--eval-images", type=int, default=None, help="validation images per accuracy (default: all)")
-    p.add_argument("--data", help="dataset folder (default: the one the run was trained on)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="device for the accuracy measurements (default: cuda if available, else cpu)")
-    p.add_argument("--out", help="output folder (default: <checkpoint folder>/search-<budget>)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the search and of the random subnets (default: 0)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
+@dataclass
+class Setup:
+    """What every phase works with: the supernet on its device, the images, the cost and the fitness."""
+    model: OFAMobileNetV3
+    images: SearchImages
+    space: SearchSpace
+    cost: Callable[[dict], float]
+    unit: str
+    measured: MeasuredAccuracy
+    low: float                       # the min and max nets' costs
+    high: float
 
 
-def _check(args: argparse.Namespace) -> None:
-    problems = []
-    for name, low in (("population", 2), ("generations", 1), ("predictor_samples", 5), ("calib_images", 1),
-                      ("latency_batch", 1)):
-        if getattr(args, name) < low:
-            problems.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= {low}")
-    for name in ("parent_ratio", "mutation_ratio", "mutate_prob"):
-        if not 0 < getattr(args, name) <= 1:
-            problems.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be in (0, 1]")
-    if args.compare_random < 0:
-        problems.append(f"--compare-random {args.compare_random}: must be >= 0")
-    budget = args.max_mflops if args.max_mflops is not None else args.max_latency_ms
-    if not budget > 0:
-        problems.append(f"budget {budget}: must be > 0")
-    if args.latency_device not in ("cpu", "cuda") or (args.latency_device == "cuda" and not torch.cuda.is_available()):
-        problems.append(f"--latency-device {args.latency_device}: must be cpu, or cuda on a machine with a GPU")
-    if problems:
-        raise ValueError("invalid settings:\n  " + "\n  ".join(problems))
-
-
-def _load(path: str) -> tuple[OFAMobileNetV3, dict]:
-    """The supernet of a training checkpoint (verified), and the run's config."""
+def load_supernet(path: str) -> tuple[OFAMobileNetV3, dict]:
+    """The supernet of a training checkpoint (verified, on the CPU), and the run's config."""
     state = checkpoint.read(path)
     try:
         model = OFAMobileNetV3(SupernetSpec(**state["arch"]))
@@ -106,111 +76,161 @@ def _load(path: str) -> tuple[OFAMobileNetV3, dict]:
     return model, state["config"]
 
 
-def run(args: argparse.Namespace) -> dict:
-    """The search, its report and the export; returns the summary written to search.json."""
-    _check(args)
-    started = time.perf_counter()
-    model, run_cfg = _load(args.checkpoint)
-    device = torch.device(args.device)
-    data = load_data(run_cfg["dataset"], args.data or run_cfg.get("data"), run_cfg["resolution"], run_cfg["seed"])
+def setup(args: argparse.Namespace) -> Setup:
+    """Phase 1: the supernet on --device, the run's data as streams, the cost table; budgets checked
+    against the min and max nets (BadInput before any measurement)."""
+    model, run_cfg = load_supernet(args.checkpoint)
+    device = args.torch_device
+    skip = run_cfg.get("skip_corrupt", False) if args.skip_corrupt is None else args.skip_corrupt
+    workers = run_cfg.get("workers", 0) if args.workers is None else args.workers
+    try:
+        data = load_data(run_cfg["dataset"], args.data or run_cfg.get("data"), run_cfg["resolution"], run_cfg["seed"],
+                         skip_corrupt=skip, workers=max(workers, 1))
+    except ValueError as err:
+        raise BadInput(str(err)) from err
+    images = search_images(data, args.heldout_images, args.calib_images, args.eval_images, args.batch_size, workers,
+                           args.seed, device)
     model = model.to(device, memory_format=torch.channels_last)
     space = SearchSpace(model.spec, model.n_stages)
-    resolution = data.resolution
     if args.max_mflops is not None:
-        table = FlopTable(model, resolution)
-        cost, budget, unit = (lambda cfg: table(cfg) / 1e6), args.max_mflops, "MFLOPs"
+        table = FlopTable(model, data.resolution)
+        cost, unit = (lambda cfg: table(cfg) / 1e6), "MFLOPs"
+    elif args.table is not None:
+        lut = LatencyTable(args.table, model.spec.to_dict(), data.resolution, model.spec.max_depth)
+        cost = lut
+        unit = f"ms ({args.table.get('device_name', args.table.get('device'))}, batch {args.table.get('batch')}, table)"
     else:
-        meter = LatencyMeter(model, resolution, torch.device(args.latency_device), args.latency_batch)
-        cost, budget, unit = meter, args.max_latency_ms, f"ms ({args.latency_device}, batch {args.latency_batch})"
+        cost = LatencyMeter(model, data.resolution, torch.device(args.latency_device), args.latency_batch)
+        unit = f"ms ({args.latency_device}, batch {args.latency_batch})"
     low, high = cost(space.smallest()), cost(space.largest())
-    if budget < low:
-        raise ValueError(f"budget {budget:g} {unit} is below the min net's {low:.4g}: no subnet fits")
-    if budget >= high:
-        raise ValueError(f"budget {budget:g} {unit} is at or above the max net's {high:.4g}: the max net fits, "
-                         "nothing to search")
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent / (
-        f"search-{budget:g}{'mflops' if args.max_mflops is not None else 'ms'}")
-    calib = calibration_batches(data, args.calib_images, 256, device, channels_last=True)
-    measured = MeasuredAccuracy(model, calib, _eval_batches(data, args.eval_images, device))
+    if args.budgets[0] < low:
+        raise BadInput(f"budget {args.budgets[0]:g} {unit} is below the min net's {low:.4g}: no subnet fits")
+    if args.budgets[-1] >= high:
+        raise BadInput(f"budget {args.budgets[-1]:g} {unit} is at or above the max net's {high:.4g}: the max net "
+                       "fits, nothing to search")
+    measured = MeasuredAccuracy(model, images.calib, images.heldout, device)
+    return Setup(model, images, space, cost, unit, measured, low, high)
 
-    summary: dict = {"checkpoint": str(args.checkpoint), "budget": budget, "unit": unit,
-                     "min_net_cost": low, "max_net_cost": high, "settings": {k: v for k, v in vars(args).items()}}
-    fitness = measured
-    if args.predictor:
-        rng = random.Random(args.seed + 1)
-        samples = [space.random(rng) for _ in range(args.predictor_samples)]
-        predictor = RidgePredictor(lambda c: features(c, model.spec.kernel_sizes, model.spec.expand_ratios,
-                                                      model.spec.depths))
-        summary["predictor"] = fit_report(predictor, samples, [measured(c) for c in samples])
-        log.info("predictor fitted on %d measured subnets: RMSE %.2f top-1 points, Kendall tau %.2f on %d held out",
-                 len(samples), summary["predictor"]["rmse_top1"], summary["predictor"]["kendall_tau"],
-                 summary["predictor"]["test_pairs"])
-        fitness = predictor
 
-    bar = _progress(not args.no_progress, args.generations)
+def fitness(args: argparse.Namespace, s: Setup, summary: dict) -> Callable[[dict], float]:
+    """Phase 2: the search's fitness: the measured held-out top-1, or a predictor fitted on it."""
+    if not args.predictor:
+        return s.measured
+    rng = random.Random(args.seed + 1)
+    samples = [s.space.random(rng) for _ in range(args.predictor_samples)]
+    spec = s.model.spec
+    predictor = RidgePredictor(lambda c: features(c, spec.kernel_sizes, spec.expand_ratios, spec.depths))
+    summary["predictor"] = fit_report(predictor, samples, [s.measured(c) for c in samples])
+    log.info("predictor fitted on %d measured subnets: RMSE %.2f top-1 points, Kendall tau %.2f on %d held out",
+             len(samples), summary["predictor"]["rmse_top1"], summary["predictor"]["kendall_tau"],
+             summary["predictor"]["test_pairs"])
+    return predictor
 
-    def on_generation(generation: int, result) -> None:
-        bar.update(1)
-        log.info("generation %d/%d: best top-1 %.2f%%%s at %.4g %s (%d subnets measured)", generation + 1,
-                 args.generations, result.fitness, " (predicted)" if args.predictor else "", result.cost, unit,
-                 len(measured))
 
-    t0 = time.perf_counter()
-    result = evolve(space, fitness, cost, budget, args.population, args.generations, args.parent_ratio,
-                    args.mutation_ratio, args.mutate_prob, args.seed, on_generation)
+def search(args: argparse.Namespace, s: Setup, score: Callable[[dict], float]) -> tuple[dict, dict[float, list]]:
+    """Phase 3: one evolution per budget over one shared history; returns ({config key: config} of every
+    subnet scored, {budget: its evolution's per-generation history})."""
+    scored: dict[str, dict] = {}
+    histories: dict[float, list] = {}
+    bar = _progress(not args.no_progress, args.generations * len(args.budgets))
+    for i, budget in enumerate(args.budgets):
+        def on_generation(generation: int, result, budget=budget) -> None:
+            bar.update(1)
+            log.info("budget %g: generation %d/%d: best %s %.2f%% at %.4g %s (%d subnets measured)", budget,
+                     generation + 1, args.generations, "predicted top-1" if args.predictor else "held-out top-1",
+                     result.fitness, result.cost, s.unit, len(s.measured))
+
+        result = evolve(s.space, score, s.cost, budget, args.population, args.generations, args.parent_ratio,
+                        args.mutation_ratio, args.mutate_prob, args.seed + 100 * i, on_generation)
+        scored.update({config_key(m): m for m in result.members})
+        histories[budget] = result.history
     bar.close()
-    search_seconds = time.perf_counter() - t0
-    chosen = result.best
-    top1 = measured(chosen)
-    rng = random.Random(args.seed + 2)
-    randoms = [sample_within(lambda: space.random(rng), cost, budget) for _ in range(args.compare_random)]
-    random_top1 = [measured(c) for c in randoms]
-    points = _points(space, measured, cost, result.members if not args.predictor else [chosen], randoms)
-    summary.update({
-        "chosen": {"config": chosen, "cost": cost(chosen), "top1": top1,
-                   **({"predicted_top1": result.fitness} if args.predictor else {})},
-        "history": result.history,
-        "random_baseline": {"subnets": len(randoms), "best_top1": max(random_top1, default=None),
-                            "mean_top1": sum(random_top1) / len(random_top1) if random_top1 else None},
-        "subnets_measured": len(measured), "search_seconds": search_seconds})
-    with measured.calibrated(chosen) as calibrated:
-        images = torch.cat([x for x, _ in measured.batches])[:8]
-        summary["export"] = export_subnet(calibrated, chosen, images, out)
-    write_front(points, out, f"search under {budget:g} {unit}", unit)
-    (out / "chosen.json").write_text(json.dumps({"config": chosen, "cost": cost(chosen), "unit": unit,
-                                                 "top1": top1, "spec": model.spec.to_dict()}, indent=2))
+    return scored, histories
+
+
+def choose(s: Setup, score: Callable[[dict], float], scored: dict, budget: float) -> dict:
+    """Phase 4: the best-scoring subnet of the whole history within `budget` (ties: the cheaper)."""
+    within = [c for c in scored.values() if s.cost(c) <= budget]
+    return max(within, key=lambda c: (score(c), -s.cost(c)))
+
+
+def random_baseline(args: argparse.Namespace, s: Setup, budget: float, seed: int) -> tuple[list[dict], dict]:
+    """Phase 5: --compare-random random subnets within `budget` on the held-out images, and their spread
+    beside the held-out measurement's own noise (binomial standard error at the median, in points)."""
+    rng = random.Random(seed)
+    randoms = [sample_within(lambda: s.space.random(rng), s.cost, budget) for _ in range(args.compare_random)]
+    accs = [s.measured(c) for c in randoms]
+    if not accs:
+        return randoms, {"subnets": 0}
+    median, n = statistics.median(accs), s.images.sizes["heldout_images"]
+    return randoms, {"subnets": len(accs), "best_top1": max(accs), "median_top1": median,
+                     "mean_top1": statistics.fmean(accs), "std_top1": statistics.pstdev(accs),
+                     "noise_se_top1": 100 * math.sqrt(median / 100 * (1 - median / 100) / n)}
+
+
+def validate_and_export(s: Setup, cfg: dict, out: Path) -> tuple[float, dict]:
+    """Phase 6: the chosen subnet, BN re-calibrated once, evaluated on the validation split (once) and
+    exported from the same statistics; returns (val top-1, export report)."""
+    with s.measured.calibrated(cfg) as net:
+        val = top1(net, s.images.val, s.measured.device, channels_last=True)
+        sample = next(iter(s.images.heldout))[0][:8]
+        return val, export_subnet(net, cfg, sample, out)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The search, its report and the exports; returns the summary written to search.json."""
+    started = time.perf_counter()
+    check(args)
+    s = setup(args)
+    out = Path(args.out)
+    log.warning("the held-out images are training images the supernet was trained on (python -m engine.train "
+                "holds none out): held-out top-1 ranks subnets without touching val, but reads high")
+    summary: dict = {"checkpoint": str(args.checkpoint), "unit": s.unit, "min_net_cost": s.low,
+                     "max_net_cost": s.high, "data": {**s.images.sizes, "heldout_seen_in_training": True},
+                     "settings": {k: v for k, v in vars(args).items() if k not in ("table", "torch_device")}}
+    score = fitness(args, s, summary)
+    t0 = time.perf_counter()
+    scored, histories = search(args, s, score)
+    summary["search_seconds"], summary["budgets"] = time.perf_counter() - t0, []
+    points = _points(s, [] if args.predictor else scored.values(), "searched")     # predictor: unmeasured
+    for i, budget in enumerate(args.budgets):
+        entry = _budget(args, s, score, scored, budget, i, out, points)
+        entry["history"] = histories[budget]
+        summary["budgets"].append(entry)
+    summary["subnets_measured"] = len(s.measured)
+    write_front(points, out, f"search under {', '.join(f'{b:g}' for b in args.budgets)} {s.unit}", s.unit)
     summary["seconds"] = time.perf_counter() - started
     (out / "search.json").write_text(json.dumps(summary, indent=2, default=str))
-    best_random = summary["random_baseline"]["best_top1"]
-    log.info("chosen subnet: top-1 %.2f%% at %.4g %s (budget %g)%s; written to %s", top1, cost(chosen), unit, budget,
-             f"; best of {len(randoms)} random subnets within the budget: {best_random:.2f}%" if randoms else "", out)
     return summary
 
 
-def _eval_batches(data, limit: int | None, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The validation split (or its first `limit` images) as channels-last batches on `device`, read once."""
-    batches, seen = [], 0
-    for images, labels in shard_loader(data.val, 256):
-        if limit is not None:
-            images, labels = images[:limit - seen], labels[:limit - seen]
-        if len(labels) == 0:
-            break
-        batches.append((images.to(device).contiguous(memory_format=torch.channels_last), labels.to(device)))
-        seen += len(labels)
-    return batches
+def _budget(args: argparse.Namespace, s: Setup, score, scored: dict, budget: float, i: int, out: Path,
+            points: list[dict]) -> dict:
+    """Phases 4-6 for one budget; writes <out>/<budget>/ and adds the chosen and random points."""
+    chosen = choose(s, score, scored, budget)
+    folder = out / f"{budget:g}"
+    randoms, baseline = random_baseline(args, s, budget, args.seed + 2 + 1000 * i)
+    held = s.measured(chosen)
+    val, export = validate_and_export(s, chosen, folder)
+    entry = {"budget": budget, "chosen": {"config": chosen, "cost": s.cost(chosen), "heldout_top1": held,
+                                          "val_top1": val, **({"predicted_top1": score(chosen)} if args.predictor
+                                                              else {})},
+             "random_baseline": baseline, "export": export, "folder": str(folder)}
+    (folder / "chosen.json").write_text(json.dumps({**entry["chosen"], "budget": budget, "unit": s.unit,
+                                                    "spec": s.model.spec.to_dict()}, indent=2))
+    points += _points(s, randoms, "random") + [{**_points(s, [chosen], "chosen")[0], "label": f"{budget:g}"}]
+    log.info("budget %g %s: chosen subnet at %.4g: search top-1 (held-out) %.2f%%, val top-1 %.2f%%%s; in %s",
+             budget, s.unit, s.cost(chosen), held, val,
+             f"; {baseline['subnets']} random subnets (held-out): best {baseline['best_top1']:.2f}%, median "
+             f"{baseline['median_top1']:.2f}%" if randoms else "", folder)
+    return entry
 
 
-def _points(space: SearchSpace, measured, cost, searched: list[dict], randoms: list[dict]) -> list[dict]:
-    """Rows for the front report: every distinct measured subnet with its source."""
-    rows, seen = [], set()
-    for source, cfgs in (("min", [space.smallest()]), ("max", [space.largest()]), ("searched", searched),
-                         ("random", randoms)):
-        for cfg in cfgs:
-            key = config_key(cfg)
-            if key not in seen:
-                seen.add(key)
-                rows.append({"source": source, "top1": measured(cfg), "cost": cost(cfg), "config": cfg})
-    return rows
+def _points(s: Setup, cfgs, source: str) -> list[dict]:
+    """Rows for the front report (held-out top-1 and cost); min and max nets join the searched rows."""
+    extra = [("min", s.space.smallest()), ("max", s.space.largest())] if source == "searched" else []
+    return [{"source": src, "top1": s.measured(c), "cost": s.cost(c), "config": c}
+            for src, c in extra + [(source, c) for c in cfgs]]
 
 
 def _progress(enabled: bool, total: int):
@@ -222,8 +242,8 @@ def _progress(enabled: bool, total: int):
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        run(_parser().parse_args(argv))
-    except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as err:
+        run(parser(__doc__).parse_args(argv))
+    except (BadInput, FileNotFoundError, checkpoint.CheckpointError) as err:
         log.error("%s", err)
         return 2
     return 0

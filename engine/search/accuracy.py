@@ -1,14 +1,14 @@
 """Accuracy of a subnet for the search: measured (BN re-calibrated, top-1 on held-out images), cached per
 config, or predicted by a ridge regression fitted on measured (config, accuracy) pairs.
 
-The held-out images are the dataset's validation split (the training run used every training image);
-BN statistics are re-estimated on training images, as for every evaluation in this engine.
+The held-out images are a seeded subset of the training split and BN statistics are re-estimated on
+other training images (engine/search/heldout.py); the validation split is kept for the chosen subnets.
 """
 from __future__ import annotations
 
 import json
 import math
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -23,12 +23,13 @@ def config_key(cfg: dict) -> str:
 
 
 class MeasuredAccuracy:
-    """top-1 (%) of a config on `batches` [(images, labels)] after BN re-calibration on `calib` images;
-    the supernet's own running statistics are restored after each measurement. Cached per config."""
+    """top-1 (%) of a config on `batches` (re-iterable (images, labels) on `device`, streamed) after BN
+    re-calibration on `calib` (re-iterable images on `device`); the supernet's own running statistics are
+    restored after each measurement. Cached per config."""
 
-    def __init__(self, model: OFAMobileNetV3, calib: Sequence[torch.Tensor],
-                 batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.model, self.calib, self.batches = model, list(calib), list(batches)
+    def __init__(self, model: OFAMobileNetV3, calib: Iterable[torch.Tensor],
+                 batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> None:
+        self.model, self.calib, self.batches, self.device = model, calib, batches, device
         self.cache: dict[str, float] = {}
 
     def __len__(self) -> int:
@@ -38,7 +39,7 @@ class MeasuredAccuracy:
         key = config_key(cfg)
         if key not in self.cache:
             with self.calibrated(cfg) as model:
-                self.cache[key] = top1(model, self.batches, self.batches[0][1].device)
+                self.cache[key] = top1(model, self.batches, self.device, channels_last=True)
         return self.cache[key]
 
     def calibrated(self, cfg: dict):

@@ -1,5 +1,5 @@
 """The search's report: every measured subnet as CSV, and the searched front beside the random, min and
-max subnets as a PNG (top-1 vs cost)."""
+max subnets as a PNG (top-1 vs cost), the chosen subnet of each budget marked with its budget."""
 from __future__ import annotations
 
 import csv
@@ -8,11 +8,12 @@ from pathlib import Path
 
 from engine.eval.pareto import finish_plot, pareto_front
 
-STYLE = {"searched": ("tab:red", "o"), "random": ("tab:gray", "."), "min": ("tab:blue", "s"), "max": ("tab:blue", "^")}
+STYLE = {"searched": ("tab:red", "o"), "random": ("tab:gray", "."), "min": ("tab:blue", "s"), "max": ("tab:blue", "^"),
+         "chosen": ("black", "*")}
 
 
 def write_front(points: list[dict], out: Path, title: str, unit: str) -> tuple[Path, Path]:
-    """points: {"source", "top1", "cost", "config"} rows. Writes front.csv (with a Pareto flag over all
+    """points: {"source", "top1", "cost", "config"} rows ("label": the budget of a "chosen" row). Writes front.csv (with a Pareto flag over all
     points) and front.png; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     front = {id(r) for r in pareto_front(points, "cost")}
@@ -33,6 +34,9 @@ def write_front(points: list[dict], out: Path, title: str, unit: str) -> tuple[P
         rows = [r for r in points if r["source"] == source]
         if rows:
             ax.scatter([r["cost"] for r in rows], [r["top1"] for r in rows], c=color, marker=marker, label=source)
+    for r in points:
+        if "label" in r:
+            ax.annotate(f"budget {r['label']}", (r["cost"], r["top1"]), textcoords="offset points", xytext=(4, 4))
     searched = sorted(pareto_front([r for r in points if r["source"] == "searched"], "cost"), key=lambda r: r["cost"])
     if searched:
         ax.plot([r["cost"] for r in searched], [r["top1"] for r in searched], "-", c="tab:red", label="searched front")

@@ -1,0 +1,81 @@
+"""The search's images: a seeded held-out subset of the training split scores subnets, other training
+images re-calibrate BN, and the validation split is read only for the chosen subnets (once each), so the
+reported val top-1 is not the figure the search selected on.
+
+Everything streams: a loader yields CPU batches and `OnDevice` moves one batch at a time to the device,
+so host and device memory stay bounded by a few batches whatever the split size.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from engine.data import datasets
+from engine.data.loader import Data
+from engine.data.transforms import val_transform
+from engine.search.settings import BadInput
+
+IMAGENET_HELDOUT = 10_000       # OFA's held-out subset of the ImageNet training split
+
+
+class OnDevice:
+    """Re-iterable: each (images, labels) batch of `loader` (a DataLoader, or any re-iterable of CPU
+    batches) moved to `device` (images channels-last) when it is reached; with `images_only`, the images
+    alone (what BN re-calibration takes)."""
+
+    def __init__(self, loader: Iterable, device: torch.device, images_only: bool = False) -> None:
+        self.loader, self.device, self.images_only = loader, device, images_only
+
+    def __iter__(self) -> Iterator:
+        for images, labels in self.loader:
+            images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            yield images if self.images_only else (images, labels.to(self.device, non_blocking=True))
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+@dataclass
+class SearchImages:
+    heldout: OnDevice                 # (images, labels) scoring every subnet: train images, val transform
+    calib: OnDevice                   # images re-calibrating BN: other train images, train transform
+    val: OnDevice                     # (images, labels) of the validation split, for the chosen subnets
+    sizes: dict[str, int]
+
+
+def default_heldout(data: Data) -> int:
+    """OFA's default: 10,000 training images for ImageNet, a tenth of the training split otherwise."""
+    return IMAGENET_HELDOUT if data.kind == "imagenet" else max(1, len(data.train) // 10)
+
+
+def split_train(n_train: int, heldout: int, calib: int, seed: int) -> tuple[list[int], list[int]]:
+    """Disjoint (held-out, calibration) index lists drawn by a `seed`ed permutation of the training split;
+    BadInput when they do not fit in it."""
+    if heldout + calib > n_train:
+        raise BadInput(f"--heldout-images {heldout} + --calib-images {calib} exceed the {n_train} training images")
+    order = random.Random(seed).sample(range(n_train), heldout + calib)
+    return sorted(order[:heldout]), sorted(order[heldout:heldout + calib])
+
+
+def search_images(data: Data, heldout: int | None, calib: int, val: int | None, batch_size: int, workers: int,
+                  seed: int, device: torch.device) -> SearchImages:
+    """The three streams of the search (see the module docstring); `None` counts take the defaults."""
+    heldout = default_heldout(data) if heldout is None else heldout
+    held_idx, calib_idx = split_train(len(data.train), heldout, calib, seed)
+    scored = datasets.SeededDataset(data.train.base, val_transform(data.kind, data.resolution), data.train.seed)
+    data.train.set_epoch(0)
+    val_idx = range(min(val, len(data.val)) if val is not None else len(data.val))
+
+    def loader(dataset, indices: Iterable[int]) -> DataLoader:
+        return DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, num_workers=workers,
+                          pin_memory=device.type == "cuda")
+
+    return SearchImages(OnDevice(loader(scored, held_idx), device),
+                        OnDevice(loader(data.train, calib_idx), device, images_only=True),
+                        OnDevice(loader(data.val, val_idx), device),
+                        {"heldout_images": len(held_idx), "calib_images": len(calib_idx), "val_images": len(val_idx),
+                         "train_split": len(data.train), "val_split": len(data.val)})
