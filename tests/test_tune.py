@@ -42,9 +42,10 @@ def injected(monkeypatch, tmp_path):
 def test_enumeration_equals_what_a_real_run_requests(injected, monkeypatch):
     """Teacher + shrink + BN calibration + evaluation (engine.train) and a search generation, recorded
     after the table is ready; the tuner timed before step 0 and never after."""
-    from engine.data.loader import calibration_batches, load_data
-    from engine.search.__main__ import _eval_batches, _load
+    from engine.data.loader import load_data
+    from engine.search.__main__ import load_supernet
     from engine.search.accuracy import MeasuredAccuracy
+    from engine.search.heldout import search_images
     from engine.search.evolution import SearchSpace, evolve
     from engine.train.__main__ import main
 
@@ -62,12 +63,12 @@ def test_enumeration_equals_what_a_real_run_requests(injected, monkeypatch):
     out = injected / "run"
     with backend.observe(lambda sig, *_: seen.add(sig) if state.get("recording") else None):
         assert main(RUN + ["--out", str(out)]) == 0
-        model, run_cfg = _load(out / "checkpoint.pt")
+        model, run_cfg = load_supernet(str(out / "checkpoint.pt"))
         model = model.to(memory_format=torch.channels_last)
         data = load_data(run_cfg["dataset"], None, run_cfg["resolution"], run_cfg["seed"])
         cpu = torch.device("cpu")
-        measured = MeasuredAccuracy(model, calibration_batches(data, 64, 256, cpu, channels_last=True),
-                                    _eval_batches(data, 64, cpu))
+        images = search_images(data, 128, 256, 64, 64, 0, 0, cpu)
+        measured = MeasuredAccuracy(model, images.calib, images.heldout, cpu)
         space = SearchSpace(model.spec, model.n_stages)
         measured(space.smallest())
         measured(space.largest())
