@@ -13,7 +13,7 @@ from engine.elastic import backend
 def report() -> str:
     """A multi-line description of the environment."""
     lines = [f"python {platform.python_version()}  torch {torch.__version__}  cuda {torch.version.cuda}"]
-    for dist in ("triton", "torchvision", "nvidia-dali-cuda130", "nvidia-dali-cuda120"):
+    for dist in ("triton", "torchvision", "nvidia-dali-cuda130", "onnxruntime"):     # setup.py's packages
         try:
             lines.append(f"{dist} {metadata.version(dist)}")
         except metadata.PackageNotFoundError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 from typing import Callable, TypeVar
 
 import torch
@@ -84,6 +85,24 @@ def together(fn: Callable[[], T]) -> T:
     dist.all_gather_object(errors, error)
     _raise_first(errors)
     return result
+
+
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag true on any rank (one tiny all-reduce on `device`): decisions such as "stop" (a signal
+    that reached the ranks at different steps) or "checkpoint now" (by the clock) taken at the same
+    step on every rank."""
+    if not _active():
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def kill_for_test(rank: int, step: int) -> None:
+    """Test hook: ENGINE_TEST_KILL="RANK:STEP" SIGKILLs that rank after that step, in a torchrun job's
+    first attempt only (TORCHELASTIC_RESTART_COUNT 0), as a failing node would die."""
+    if os.environ.get("ENGINE_TEST_KILL") == f"{rank}:{step}" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def ranks_agree(module: torch.nn.Module) -> dict:
