@@ -1,4 +1,5 @@
-"""Run logs: per-step CSV, TensorBoard (if installed), and GPU-hours used / projected.
+"""Run logs: per-step CSV, TensorBoard (if installed), and device-hours used / projected (gpu_hours.json
+on a GPU, cpu_hours.json on a CPU).
 
 A fresh run starts its logs anew (an older run's steps.csv and tb/ in the same folder, left by a run
 killed before its first checkpoint, are removed); a resumed run keeps the rows up to the checkpoint's
@@ -13,17 +14,23 @@ import time
 from pathlib import Path
 
 
+def hours_file_name(device_label: str) -> str:
+    """The device-hours report's file name: named for the kind of device the run used."""
+    return "cpu_hours.json" if device_label == "cpu" else "gpu_hours.json"
+
+
 class RunLogger:
-    """Writes <out>/steps.csv, <out>/tb/ and <out>/gpu_hours.json (rank 0 only)."""
+    """Writes <out>/steps.csv, <out>/tb/ and <out>/<gpu|cpu>_hours.json (rank 0 only)."""
 
     FIELDS = ("step", "epoch", "phase", "lr", "beta", "loss_max", "loss_subnets", "skipped", "images_per_s",
               "seconds")
     # what a run writes into its folder besides checkpoint.pt and config.json
-    RUN_FILES = ("steps.csv", "gpu_hours.json", "summary.json", "pareto.csv", "pareto.png", "ddp_check.json")
+    RUN_FILES = ("steps.csv", "gpu_hours.json", "cpu_hours.json", "summary.json", "pareto.csv", "pareto.png", "ddp_check.json")
 
     def __init__(self, out_dir: str | Path, enabled: bool, devices: int, device_label: str,
                  resume_step: int | None = None) -> None:
         self.out, self.enabled, self.devices, self.device_label = Path(out_dir), enabled, devices, device_label
+        self.hours_file = self.out / hours_file_name(device_label)
         self.step_seconds: dict[str, list[float]] = {}
         self._tb = None
         if not enabled:
@@ -91,7 +98,7 @@ class RunLogger:
 
     def write_hours(self, report: dict) -> None:
         if self.enabled:
-            (self.out / "gpu_hours.json").write_text(json.dumps(report, indent=2))
+            self.hours_file.write_text(json.dumps(report, indent=2))
 
     def log_eval(self, name: str, value: float, step: int) -> None:
         if self.enabled and self._tb is not None:
