@@ -8,18 +8,11 @@ import json
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from engine.data.loader import DATASETS
+from engine.train.errors import EXIT_CODES, BadInput
 from engine.train.schedule import METHODS, make_plan
-
-# exit codes of `python -m engine.train` (also in --help and the README)
-EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NON_FINITE = 0, 2, 3, 4
-EXIT_CODES = (f"exit codes: {EXIT_OK} finished (all epochs, or --max-steps reached); {EXIT_BAD_INPUT} bad input "
-              f"(settings, data, checkpoint), nothing trained; {EXIT_INTERRUPTED} interrupted by SIGTERM/SIGINT "
-              f"after writing a checkpoint (continue with --resume); {EXIT_NON_FINITE} stopped on non-finite "
-              "losses or gradients (the last good checkpoint is kept)")
-
 
 def _opt(default: Any, help: str, **kwargs: Any) -> Any:
     """A dataclass field carrying its --help text."""
@@ -113,70 +106,129 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors (unknown flag, missing value) are BadInput, not a usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise BadInput(f"{message} (see python -m engine.train --help)")
+
+
+def _lenient(kind: type) -> Callable[[str], Any]:
+    """`kind(text)`, or the text itself when it does not convert: validate then names the flag with the
+    other problems instead of argparse stopping at the first."""
+    def convert(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            return text
+    convert.__name__ = kind.__name__
+    return convert
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m engine.train", epilog=EXIT_CODES,
-                                description="Once-for-all supernet training (DεpS and baselines). Defaults per "
-                                            "dataset follow the method (docs/method.md); shown defaults are "
-                                            "the built-in ones before those.")
+    p = _Parser(prog="python -m engine.train", epilog=EXIT_CODES,
+                description="Once-for-all supernet training (DεpS and baselines). Defaults per dataset follow "
+                            "the method (docs/method.md); shown defaults are the built-in ones before those.")
     p.add_argument("--config", help="JSON or YAML file holding any of the options below (flags win)")
     for f in fields(TrainConfig):
         default = f.default_factory() if f.default is MISSING else f.default
-        help_text = f"{f.metadata['help']} (default: {default})"
+        choices = f"; one of {', '.join(CHOICES[f.name])}" if f.name in CHOICES else ""
+        help_text = f"{f.metadata['help']}{choices} (default: {default})"
         if f.type == "bool":
             p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.metadata.get("nargs"):
-            p.add_argument(_flag(f.name), type=int, nargs="+", default=None, help=help_text)
+            p.add_argument(_flag(f.name), type=_lenient(int), nargs="+", default=None, help=help_text)
         elif f.name == "resume":
             p.add_argument(_flag(f.name), nargs="?", const="auto", default=None, help=help_text)
         else:
             kind = {"int": int, "float": float, "int | None": int}.get(f.type, str)
-            p.add_argument(_flag(f.name), type=kind, default=None, choices=CHOICES.get(f.name), help=help_text)
+            p.add_argument(_flag(f.name), type=_lenient(kind), default=None, help=help_text)
     return p
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
+    """The options in a JSON or YAML file; BadInput naming the file (and the line of a syntax error)."""
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"config file {file} does not exist")
-    text = file.read_text()
-    if file.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
+        raise BadInput(f"config file {file} does not exist")
+    try:
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise BadInput(f"config file {file} cannot be read as text ({err})") from err
+    data = _parse_yaml(file, text) if file.suffix in (".yaml", ".yml") else _parse_json(file, text)
     if not isinstance(data, dict):
-        raise ValueError(f"config file {file} must hold a mapping of option names to values")
+        raise BadInput(f"config file {file} must hold a mapping of option names to values, not "
+                       f"{type(data).__name__}")
     known = {f.name for f in fields(TrainConfig)}
-    data = {k.replace("-", "_"): v for k, v in data.items()}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    data.pop("run_id", None)                     # a run's config.json can be passed back as --config
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"config file {file} has unknown options {unknown}")
+        raise BadInput(f"config file {file} has unknown options {unknown}")
     return data
+
+
+def _parse_yaml(file: Path, text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise BadInput(f"config file {file}{where}: not valid YAML ({getattr(err, 'problem', None) or err})") \
+            from err
+
+
+def _parse_json(file: Path, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise BadInput(f"config file {file} line {err.lineno}, column {err.colno}: not valid JSON ({err.msg})") \
+            from err
 
 
 def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     """Build the run's TrainConfig from flags, an optional config file and the dataset's defaults, and
-    validate it (ValueError listing every problem)."""
+    validate it (BadInput listing every problem)."""
     args = vars(_parser().parse_args(argv))
     file_values = _read_config_file(args.pop("config")) if args.get("config") else {}
     cli = {k: v for k, v in args.items() if v is not None}
     dataset = cli.get("dataset", file_values.get("dataset", TrainConfig.dataset))
-    if dataset not in DATASET_DEFAULTS:
-        raise ValueError(f"--dataset {dataset!r} is not one of {tuple(DATASET_DEFAULTS)}")
-    cfg = TrainConfig(**{**DATASET_DEFAULTS[dataset], **file_values, **cli})
+    defaults = DATASET_DEFAULTS.get(dataset, {}) if isinstance(dataset, str) else {}   # validate names a bad one
+    cfg = TrainConfig(**{**defaults, **file_values, **cli})
     if cfg.out is None:
         cfg.out = f"runs/{cfg.method}-{cfg.dataset}"
     validate(cfg)
     return cfg
 
 
+TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+              "str | None": "a string", "int | None": "an integer", "list[int]": "a list of integers"}
+
+
+def _has_type(value: Any, type_name: str) -> bool:
+    if value is None:
+        return type_name.endswith("| None")
+    if type_name == "list[int]":
+        return isinstance(value, list) and all(_has_type(v, "int") for v in value)
+    kinds = {"int": int, "float": (int, float), "bool": bool, "str": str}[type_name.removesuffix(" | None")]
+    return isinstance(value, kinds) and (type_name == "bool" or not isinstance(value, bool))
+
+
+def _type_problems(cfg: TrainConfig) -> list[str]:
+    """One problem per setting of the wrong type (a YAML string where a number belongs, 1 for true, ...)."""
+    return [f"{_flag(f.name)} {getattr(cfg, f.name)!r}: must be {TYPE_NAMES[f.type]}" for f in fields(cfg)
+            if not _has_type(getattr(cfg, f.name), f.type)]
+
+
 def validate(cfg: TrainConfig) -> None:
-    """Check every setting any phase of the run will need; ValueError naming each bad flag and value."""
-    problems: list[str] = []
+    """Check every setting any phase of the run will need; BadInput naming each bad flag and value."""
+    problems = _type_problems(cfg)
+    mistyped = {p.split(" ", 1)[0] for p in problems}     # their other checks are skipped
 
     def need(ok: bool, name: str, what: str) -> None:
-        if not ok:
+        if not ok and _flag(name) not in mistyped:
             problems.append(f"{_flag(name)} {getattr(cfg, name)!r}: {what}")
 
     def number(name: str, low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False) -> None:
@@ -194,48 +246,64 @@ def validate(cfg: TrainConfig) -> None:
         need(isinstance(getattr(cfg, name), int) and getattr(cfg, name) >= 0, name, "must be an integer >= 0")
     if cfg.max_steps is not None:
         need(isinstance(cfg.max_steps, int) and cfg.max_steps >= 1, "max_steps", "must be an integer >= 1")
-    number("lr", 0, low_open=True)
-    number("momentum", 0, 1, high_open=True)
-    number("weight_decay", 0)
-    number("label_smoothing", 0, 1, high_open=True)
-    number("dropout", 0, 1, high_open=True)
-    number("bn_momentum", 0, 1)
-    number("temperature", 0, low_open=True)
-    number("random_erase", 0, 1)
-    number("width_mult", 0, low_open=True)
-    for name in ("max_multiplier", "min_multiplier", "other_multiplier"):
-        number(name, 0)
-    number("teacher_epochs", 0)
-    number("warmup_epochs", 0)
+    for name, low, high, low_open, high_open in NUMBER_RANGES:
+        number(name, low, high, low_open, high_open)
+    _check_architecture(cfg, need, mistyped)
+    _check_schedule(cfg, need, problems)
+    if not mistyped & {"--data", "--out", "--resume"}:
+        _check_paths(cfg, problems)
+    if problems:
+        raise BadInput("invalid settings: " + "; ".join(problems))
+
+
+# (name, low, high, low bound open, high bound open)
+NUMBER_RANGES = (("lr", 0, math.inf, True, False), ("momentum", 0, 1, False, True), ("weight_decay", 0, math.inf,
+                 False, False), ("label_smoothing", 0, 1, False, True), ("dropout", 0, 1, False, True),
+                 ("bn_momentum", 0, 1, False, False), ("temperature", 0, math.inf, True, False),
+                 ("random_erase", 0, 1, False, False), ("width_mult", 0, math.inf, True, False),
+                 ("max_multiplier", 0, math.inf, False, False), ("min_multiplier", 0, math.inf, False, False),
+                 ("other_multiplier", 0, math.inf, False, False), ("teacher_epochs", 0, math.inf, False, False),
+                 ("warmup_epochs", 0, math.inf, False, False))
+
+
+def _check_architecture(cfg: TrainConfig, need: Callable[[bool, str, str], None], mistyped: set[str]) -> None:
+    """Elastic choices, compound pairing, and the smallest image the supernet can train on."""
     for name, low, odd in (("kernel_sizes", 1, True), ("expand_ratios", 1, False), ("depths", 1, False)):
         values = getattr(cfg, name)
-        need(bool(values) and all(isinstance(v, int) and v >= low and (v % 2 == 1 or not odd) for v in values),
-             name, f"must be integers >= {low}{', odd' if odd else ''}")
-    if cfg.sampler == "compound" or cfg.method == "compofa":
+        if _flag(name) not in mistyped:
+            need(bool(values) and all(v >= low and (v % 2 == 1 or not odd) for v in values),
+                 name, f"must be integers >= {low}{', odd' if odd else ''}")
+    if (cfg.sampler == "compound" or cfg.method == "compofa") and not {"--depths", "--expand-ratios"} & mistyped:
         need(len(set(cfg.depths)) == len(set(cfg.expand_ratios)), "depths",
              f"compound sampling pairs each depth with an expand ratio: needs as many as --expand-ratios "
              f"{cfg.expand_ratios}")
-    schedule = ("epochs", "teacher_epochs", "warmup_epochs")
-    if cfg.method in METHODS and not any(p.startswith(tuple(_flag(n) + " " for n in schedule)) for p in problems):
-        try:
-            plan = make_plan(cfg.method, cfg.epochs, cfg.teacher_epochs, cfg.warmup_epochs, cfg.sampler)
-        except ValueError as err:
-            problems.append(f"--epochs {cfg.epochs} / --teacher-epochs {cfg.teacher_epochs} / "
-                            f"--warmup-epochs {cfg.warmup_epochs}: {err}")
-        else:
-            # checked now, not when the sandwich starts (after the teacher phase, 145 epochs on ImageNet)
-            if plan.shrink_start < cfg.epochs:
-                need(cfg.subnets >= 2, "subnets", f"the {cfg.method} schedule runs a sandwich (from epoch "
-                     f"{plan.shrink_start:g}), which needs at least 2 subnets (max and min)")
     if cfg.variant in TOTAL_STRIDE and isinstance(cfg.resolution, int) and isinstance(cfg.batch_size, int) \
             and cfg.resolution >= 1 and cfg.batch_size >= 1:
-        side = -(-cfg.resolution // TOTAL_STRIDE[cfg.variant])
-        need(cfg.batch_size * side * side >= 2, "batch_size",
+        stride = TOTAL_STRIDE[cfg.variant]
+        # below the total stride a stride-2 layer sees a 1-pixel map and its padding dominates: no learning
+        need(cfg.resolution >= stride, "resolution", f"the {cfg.variant} supernet halves the image "
+             f"{stride.bit_length() - 1} times: it needs at least {stride} pixels")
+        side = -(-cfg.resolution // stride)
+        need(cfg.resolution < stride or cfg.batch_size * side * side >= 2, "batch_size",
              f"with --resolution {cfg.resolution} the last stage is {side}x{side}: batch norm needs at least 2 "
              "values per channel, so use a larger batch or resolution")
-    _check_paths(cfg, problems)
-    if problems:
-        raise ValueError("invalid settings:\n  " + "\n  ".join(problems))
+
+
+def _check_schedule(cfg: TrainConfig, need: Callable[[bool, str, str], None], problems: list[str]) -> None:
+    """The method's phases fit the epochs, and a sandwich (if the schedule runs one) has max and min."""
+    schedule = ("epochs", "teacher_epochs", "warmup_epochs")
+    if cfg.method not in METHODS or any(p.startswith(tuple(_flag(n) + " " for n in schedule)) for p in problems):
+        return
+    try:
+        plan = make_plan(cfg.method, cfg.epochs, cfg.teacher_epochs, cfg.warmup_epochs, cfg.sampler)
+    except ValueError as err:
+        problems.append(f"--epochs {cfg.epochs} / --teacher-epochs {cfg.teacher_epochs} / "
+                        f"--warmup-epochs {cfg.warmup_epochs}: {err}")
+        return
+    # checked now, not when the sandwich starts (after the teacher phase, 145 epochs on ImageNet)
+    if plan.shrink_start < cfg.epochs:
+        need(isinstance(cfg.subnets, int) and cfg.subnets >= 2, "subnets", f"the {cfg.method} schedule runs a "
+             f"sandwich (from epoch {plan.shrink_start:g}), which needs at least 2 subnets (max and min)")
 
 
 def _check_paths(cfg: TrainConfig, problems: list[str]) -> None:

@@ -25,6 +25,7 @@ from engine.train import checkpoint
 from engine.train.batched import BatchedSandwich, batched_step
 from engine.train.compile import Compiler, eager
 from engine.train.config import TrainConfig, validate
+from engine.train.errors import BadInput
 from engine.train.distributed import init_distributed, ranks_agree
 from engine.train.guard import NonFiniteError, NonFiniteGuard, repair_running_stats
 from engine.train.logger import RunLogger, Timer
@@ -136,168 +137,226 @@ def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScal
 
 def run(cfg: TrainConfig) -> dict:
     """Train according to `cfg`; returns a summary dict (also written to <out>/summary.json).
-    Raises ValueError for bad settings (before any data is read) and NonFiniteError on divergence."""
-    validate(cfg)
-    rank, world, local_rank = init_distributed()
-    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    set_backend(cfg.backend)
-    out = Path(cfg.out)
-    ckpt_path = out / "checkpoint.pt"
-    resume_path = None if not cfg.resume else ckpt_path if cfg.resume == "auto" else Path(cfg.resume)
-    if resume_path is None and ckpt_path.exists():
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
-    data = load_data(cfg.dataset, cfg.data, cfg.resolution, cfg.seed, cfg.auto_augment, cfg.random_erase,
-                     cfg.skip_corrupt, jpeg_only=cfg.dali, workers=max(cfg.workers, 4))
-    epoch_batches, val_loader, spe = _loaders(cfg, data, device, rank, world)
-    torch.manual_seed(cfg.seed)                    # same initial weights on every rank and every run
-    model = build_model(cfg, data.num_classes).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    total = spe * cfg.epochs
-    base_lr = cfg.lr * cfg.batch_size * world / 128
-    optimizer = torch.optim.SGD(_param_groups(model, cfg.weight_decay), lr=base_lr, momentum=cfg.momentum,
-                                nesterov=cfg.nesterov, fused=True)
-    amp_dtype = _amp_dtype(cfg, device)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    plan = make_plan(cfg.method, cfg.epochs, cfg.teacher_epochs, cfg.warmup_epochs, cfg.sampler)
+    Raises BadInput for bad settings, data or checkpoints (before any step), NonFiniteError on divergence."""
+    try:
+        validate(cfg)
+    except ValueError as err:
+        raise BadInput(str(err)) from err
+    training = Training(cfg)
+    training.resume()
+    training.start()
+    try:
+        while training.step < training.stop_at and not training.stop.requested:
+            training.train_epoch()
+            training.end_epoch()
+        summary = training.finish()
+    finally:
+        training.close()
+    return summary
 
-    step, reorganized, elapsed_before = 0, False, 0.0     # elapsed: wall seconds of earlier runs
-    _momentum_buffers(optimizer)
-    if resume_path is not None:
-        state = checkpoint.load(resume_path, model.spec.to_dict())
+
+class Training:
+    """One run's state, advanced by its phases: build (the constructor), resume, start, train_epoch,
+    end_epoch, finish; `save` writes the checkpoint."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        """Build: distributed set-up, data, loaders, model, optimizer, schedule (BadInput on bad input)."""
+        self.cfg = cfg
+        self.rank, self.world, self.local_rank = init_distributed()
+        self.device = torch.device(f"cuda:{self.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        try:
+            set_backend(cfg.backend)
+        except (ValueError, RuntimeError) as err:
+            raise BadInput(str(err)) from err
+        self.out = Path(cfg.out)
+        self.ckpt_path = self.out / "checkpoint.pt"
+        self.resume_path = None if not cfg.resume else self.ckpt_path if cfg.resume == "auto" else Path(cfg.resume)
+        if self.resume_path is None and self.ckpt_path.exists():
+            raise BadInput(f"{self.ckpt_path} exists: pass --resume to continue it, or choose another --out")
+        try:             # the data's errors before any step are bad input
+            self.data = load_data(cfg.dataset, cfg.data, cfg.resolution, cfg.seed, cfg.auto_augment,
+                                  cfg.random_erase, cfg.skip_corrupt, jpeg_only=cfg.dali, workers=max(cfg.workers, 4))
+            self.monitor_calib = calibration_batches(self.data, min(cfg.calib_images, 512), 256, self.device,
+                                                     cfg.channels_last)
+        except (ValueError, OSError) as err:
+            raise BadInput(str(err)) from err
+        self.epoch_batches, self.val_loader, self.spe = _loaders(cfg, self.data, self.device, self.rank, self.world)
+        torch.manual_seed(cfg.seed)                    # same initial weights on every rank and every run
+        self.model = build_model(cfg, self.data.num_classes).to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.total = self.spe * cfg.epochs
+        self.stop_at = min(self.total, cfg.max_steps) if cfg.max_steps else self.total
+        self.base_lr = cfg.lr * cfg.batch_size * self.world / 128
+        self.optimizer = torch.optim.SGD(_param_groups(self.model, cfg.weight_decay), lr=self.base_lr,
+                                         momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
+        self.amp_dtype = _amp_dtype(cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        self.plan = make_plan(cfg.method, cfg.epochs, cfg.teacher_epochs, cfg.warmup_epochs, cfg.sampler)
+        self.step, self.reorganized, self.elapsed_before = 0, False, 0.0   # elapsed: wall seconds of earlier runs
+        _momentum_buffers(self.optimizer)
+
+    def resume(self) -> None:
+        """Resume: load the checkpoint's weights, optimizer, RNG and step (CheckpointError if it does not fit)."""
+        if self.resume_path is None:
+            return
+        cfg, path = self.cfg, self.resume_path
+        state = checkpoint.load(path, self.model.spec.to_dict())
         changed = {k for k, v in cfg.to_dict().items() if state["config"].get(k) != v} - RESUMABLE_DIFFERENCES
         if changed:
-            raise checkpoint.CheckpointError(f"checkpoint {resume_path} was trained with other settings: "
+            raise checkpoint.CheckpointError(f"checkpoint {path} was trained with other settings: "
                                              + ", ".join(f"{k}={state['config'].get(k)!r}" for k in sorted(changed)))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:       # a checkpoint of an older engine may say fused=False
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:       # a checkpoint of an older engine may say fused=False
             group["fused"], group["foreach"] = True, None
-        _momentum_buffers(optimizer)
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+        _momentum_buffers(self.optimizer)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
-        step, reorganized = state["step"], state["reorganized"]
-        elapsed_before = state["elapsed_seconds"]
-        if rank == 0:
-            log.info("resumed from step %d (epoch %d) of %s", step, step // spe, resume_path)
+        self.step, self.reorganized = state["step"], state["reorganized"]
+        self.elapsed_before = state["elapsed_seconds"]
+        if self.rank == 0:
+            log.info("resumed from step %d (epoch %d) of %s", self.step, self.step // self.spe, path)
 
-    # "auto" stays sequential until a GPU measurement shows the batched step winning: on a CPU it is
-    # 2.5-5x slower (bench/run_throughput.py), on a GPU it is not measured yet
-    batched = cfg.sandwich == "batched"
-    step_fn = batched_step if batched else sequential_step
-    net: nn.Module = BatchedSandwich(model) if batched else model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None)
-    compiler = Compiler(model, cfg.compile, device, cfg.compile_backend, cfg.cuda_graphs)
-    device_label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    logger = RunLogger(out, rank == 0, world, device_label, resume_step=step if resume_path is not None else None)
-    if rank == 0:
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    guard = NonFiniteGuard(max(cfg.subnets, 1), device, cfg.max_bad_steps, first_step=step)
+    def start(self) -> None:
+        """Start: the step function, DDP wrapper, compiler, logs, config.json, non-finite guard, signals."""
+        cfg, model = self.cfg, self.model
+        # "auto" stays sequential until a GPU measurement shows the batched step winning: on a CPU it is
+        # 2.5-5x slower (bench/run_throughput.py), on a GPU it is not measured yet
+        batched = cfg.sandwich == "batched"
+        self.step_fn = batched_step if batched else sequential_step
+        self.net: nn.Module = BatchedSandwich(model) if batched else model
+        if self.world > 1:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+        self.compiler = Compiler(model, cfg.compile, self.device, cfg.compile_backend, cfg.cuda_graphs)
+        device_label = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        self.logger = RunLogger(self.out, self.rank == 0, self.world, device_label,
+                                resume_step=self.step if self.resume_path is not None else None)
+        if self.rank == 0:
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        self.guard = NonFiniteGuard(max(cfg.subnets, 1), self.device, cfg.max_bad_steps, first_step=self.step)
+        self.run_start = time.perf_counter()
+        self.max_cfg = arch.max_config(model.spec, model.n_stages)
+        self.summary: dict = {"interrupted": False, "skipped_corrupt_files": len(self.data.skipped)}
+        self.check_grads = self.scaler is None   # with fp16, overflowing gradients are the scaler's business
+        self.stop = _Stop()
 
-    def save() -> None:
-        if rank != 0:
+    def train_epoch(self) -> None:
+        """Train from the current step to the end of its epoch (or to --max-steps, or a stop signal)."""
+        cfg, model, optimizer = self.cfg, self.model, self.optimizer
+        self.epoch, in_epoch = divmod(self.step, self.spe)
+        epoch = self.epoch
+        bar = _progress(cfg.progress and self.rank == 0, self.spe, in_epoch, f"epoch {epoch}")
+        steps_log = _StepLog(self.logger, self.guard, bar)
+        timer = Timer()
+        for images, labels in self.epoch_batches(epoch, in_epoch):
+            if self.step >= self.stop_at or self.stop.requested:
+                break
+            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            if cfg.channels_last:
+                images = images.to(memory_format=torch.channels_last)
+            phase = self.plan.phase(self.step / self.spe)
+            if phase != "teacher" and cfg.reorganize and not self.reorganized:
+                model.reorganize_channels(optimizer)
+                self.reorganized = True
+            torch.manual_seed(_step_seed(cfg.seed, self.step, self.rank))       # dropout: same on resume
+            cfgs = sample_sandwich(model, phase, cfg.subnets, self.plan.sampler,
+                                   torch.Generator().manual_seed(_step_seed(cfg.seed, self.step, 0)))
+            beta = subnet_beta(self.step, self.spe, self.plan, 1.0, self.total, self.base_lr)
+            betas = ([cfg.max_multiplier, cfg.min_multiplier * beta]
+                     + [cfg.other_multiplier * beta] * (len(cfgs) - 2))[:len(cfgs)]
+            lr = cosine_lr(self.step, self.total, self.base_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            step_net = self.compiler.net(phase, self.net)
+            result, compiled = self.compiler.timed_step(lambda: self.step_fn(
+                model, step_net, images, labels, cfgs, betas, cfg.label_smoothing, cfg.temperature, self.scaler,
+                self.amp_dtype, check_grads=self.check_grads))
+            found_inf = self.guard.update(result.losses, result.grads_bad)
+            _optimizer_step(optimizer, self.scaler, found_inf)
+            self.step += 1
+            seconds = timer.lap()
+            steps_log.add({"step": self.step, "epoch": epoch, "phase": phase, "lr": lr, "beta": beta,
+                           "images_per_s": images.shape[0] * self.world / max(seconds, 1e-9), "seconds": seconds,
+                           "compiled": compiled}, result.losses, found_inf)
+            bar.update(1)
+            if self.step % cfg.log_every == 0:
+                _after_flush(steps_log.flush(), model, self.rank)
+        _after_flush(steps_log.flush(), model, self.rank)
+        bar.close()
+
+    def end_epoch(self) -> None:
+        """End of epoch (or of the run's steps): checkpoint, max-net accuracy, device-hours report."""
+        cfg, model = self.cfg, self.model
+        model.set_max_net()
+        self.save()
+        # subnets' forwards also move the shared running statistics: re-calibrate for the max net
+        with eager():
+            acc = evaluate_subnets(model, {"max": self.max_cfg}, self.val_loader, self.monitor_calib, self.device,
+                                   self.data.resolution, cfg.channels_last, self.amp_dtype, costs=False)[0]["top1"]
+        hours = _hours(self.logger, self.plan, self.spe, self.step, self.total, cfg, self._elapsed(),
+                       self.compiler.compile_seconds)
+        self.logger.write_hours(hours)
+        self.logger.log_eval("max_top1", acc, self.step)
+        if self.rank == 0:
+            log.info("epoch %d step %d: max-net top-1 %.2f%% (BN re-calibrated), %s-hours used %.4f, "
+                     "projected for the run %.4f", self.epoch, self.step, acc, hours["device"],
+                     hours["used_hours"], hours["projected_total_hours"])
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.run_start
+
+    def save(self) -> None:
+        """Rank 0 writes the checkpoint atomically; never one holding non-finite weights."""
+        if self.rank != 0:
             return
-        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
         if bad:
             raise NonFiniteError(f"parameters {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} are not finite "
-                                 f"at step {step}: not writing a checkpoint (the last good one, {ckpt_path}, is "
-                                 "kept); lower --lr")
+                                 f"at step {self.step}: not writing a checkpoint (the last good one, "
+                                 f"{self.ckpt_path}, is kept); lower --lr")
         checkpoint.save_atomic({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None, "rng": checkpoint.rng_state(),
-            "step": step, "epoch": step // spe, "reorganized": reorganized,
-            "elapsed_seconds": elapsed_before + time.perf_counter() - run_start,
-            "config": cfg.to_dict(), "arch": model.spec.to_dict()}, ckpt_path)
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None, "rng": checkpoint.rng_state(),
+            "step": self.step, "epoch": self.step // self.spe, "reorganized": self.reorganized,
+            "elapsed_seconds": self._elapsed(), "config": self.cfg.to_dict(), "arch": self.model.spec.to_dict()},
+            self.ckpt_path)
 
-    stop = _Stop()
-    stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
-    run_start = time.perf_counter()
-    max_cfg = arch.max_config(model.spec, model.n_stages)
-    monitor_calib = calibration_batches(data, min(cfg.calib_images, 512), 256, device, cfg.channels_last)
-    summary: dict = {"interrupted": False, "skipped_corrupt_files": len(data.skipped)}
-    check_grads = scaler is None                     # with fp16, overflowing gradients are the scaler's business
-    try:
-        while step < stop_at and not stop.requested:
-            epoch, in_epoch = divmod(step, spe)
-            bar = _progress(cfg.progress and rank == 0, spe, in_epoch, f"epoch {epoch}")
-            steps_log = _StepLog(logger, guard, bar)
-            timer = Timer()
-            for images, labels in epoch_batches(epoch, in_epoch):
-                if step >= stop_at or stop.requested:
-                    break
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                if cfg.channels_last:
-                    images = images.to(memory_format=torch.channels_last)
-                phase = plan.phase(step / spe)
-                if phase != "teacher" and cfg.reorganize and not reorganized:
-                    model.reorganize_channels(optimizer)
-                    reorganized = True
-                torch.manual_seed(_step_seed(cfg.seed, step, rank))       # dropout: same on resume
-                cfgs = sample_sandwich(model, phase, cfg.subnets, plan.sampler,
-                                       torch.Generator().manual_seed(_step_seed(cfg.seed, step, 0)))
-                beta = subnet_beta(step, spe, plan, 1.0, total, base_lr)
-                betas = ([cfg.max_multiplier, cfg.min_multiplier * beta]
-                         + [cfg.other_multiplier * beta] * (len(cfgs) - 2))[:len(cfgs)]
-                lr = cosine_lr(step, total, base_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.zero_grad(set_to_none=True)
-                step_net = compiler.net(phase, net)
-                result, compiled = compiler.timed_step(lambda: step_fn(
-                    model, step_net, images, labels, cfgs, betas, cfg.label_smoothing, cfg.temperature, scaler,
-                    amp_dtype, check_grads=check_grads))
-                found_inf = guard.update(result.losses, result.grads_bad)
-                _optimizer_step(optimizer, scaler, found_inf)
-                step += 1
-                seconds = timer.lap()
-                steps_log.add({"step": step, "epoch": epoch, "phase": phase, "lr": lr, "beta": beta,
-                               "images_per_s": images.shape[0] * world / max(seconds, 1e-9), "seconds": seconds,
-                               "compiled": compiled}, result.losses, found_inf)
-                bar.update(1)
-                if step % cfg.log_every == 0:
-                    _after_flush(steps_log.flush(), model, rank)
-            _after_flush(steps_log.flush(), model, rank)
-            bar.close()
-            model.set_max_net()
-            save()
-            # subnets' forwards also move the shared running statistics: re-calibrate for the max net
-            with eager():
-                acc = evaluate_subnets(model, {"max": max_cfg}, val_loader, monitor_calib, device, data.resolution,
-                                       cfg.channels_last, amp_dtype, costs=False)[0]["top1"]
-            hours = _hours(logger, plan, spe, step, total, cfg, elapsed_before + time.perf_counter() - run_start,
-                           compiler.compile_seconds)
-            logger.write_hours(hours)
-            logger.log_eval("max_top1", acc, step)
-            if rank == 0:
-                log.info("epoch %d step %d: max-net top-1 %.2f%% (BN re-calibrated), %s-hours used %.4f, "
-                         "projected for the run %.4f", epoch, step, acc, hours["device"],
-                         hours["used_hours"], hours["projected_total_hours"])
-        summary["skipped_steps"] = guard.read()["skipped_steps"]
-        summary["compile"] = {"mode": compiler.mode, "compile_seconds": compiler.compile_seconds}
-        if stop.requested and step < total:
+    def finish(self) -> dict:
+        """Finish: final evaluation (all epochs done) or the reason for stopping, DDP check, summary.json."""
+        cfg, summary, step, total = self.cfg, self.summary, self.step, self.total
+        summary["skipped_steps"] = self.guard.read()["skipped_steps"]
+        summary["compile"] = {"mode": self.compiler.mode, "compile_seconds": self.compiler.compile_seconds}
+        if self.stop.requested and step < total:
             summary["interrupted"] = True
-            log.info("interrupted at step %d of %d (checkpoint %s); continue with --resume", step, total, ckpt_path)
+            log.info("interrupted at step %d of %d (checkpoint %s); continue with --resume", step, total,
+                     self.ckpt_path)
         elif step < total:
-            log.info("stopped at --max-steps %d of %d (checkpoint %s); continue with --resume", step, total, ckpt_path)
+            log.info("stopped at --max-steps %d of %d (checkpoint %s); continue with --resume", step, total,
+                     self.ckpt_path)
         else:
             with eager():
-                summary.update(_final_evaluation(model, cfg, data, device, val_loader, amp_dtype, out, rank))
-        if world > 1:
-            agree = ranks_agree(model)
+                summary.update(_final_evaluation(self.model, cfg, self.data, self.device, self.val_loader,
+                                                 self.amp_dtype, self.out, self.rank))
+        if self.world > 1:
+            agree = ranks_agree(self.model)
             summary["ddp"] = agree
-            if rank == 0:
-                (out / "ddp_check.json").write_text(json.dumps(agree, indent=2))
-    finally:
-        stop.restore()
-        logger.close()
-    summary["step"] = step
-    if rank == 0:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    if world > 1 and dist.is_initialized():
-        dist.barrier()
-    return summary
+            if self.rank == 0:
+                (self.out / "ddp_check.json").write_text(json.dumps(agree, indent=2))
+        summary["step"] = step
+        if self.rank == 0:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.world > 1 and dist.is_initialized():
+            dist.barrier()
+        return summary
+
+    def close(self) -> None:
+        """Restore the signal handlers and close the logs (idempotent; runs on every exit)."""
+        self.stop.restore()
+        self.logger.close()
 
 
 def _after_flush(state: dict, model: nn.Module, rank: int) -> None:
