@@ -45,6 +45,7 @@ def test_diverging_run_stops_and_keeps_no_nan_checkpoint(tmp_path, caplog):
     assert not (out / "checkpoint.pt").exists()                      # no epoch ended: nothing written
     rows = list(csv.DictReader(open(out / "steps.csv")))
     assert [r["skipped"] for r in rows[:2]] == ["0", "0"] and all(r["skipped"] == "1" for r in rows[2:])
+    assert json.loads((out / "summary.json").read_text())["exit_code"] == EXIT_NON_FINITE   # on every exit
 
 
 def test_divergence_after_a_checkpoint_keeps_the_last_good_one(tmp_path, monkeypatch, caplog):
@@ -197,6 +198,8 @@ def test_skip_corrupt_leaves_bad_files_out_everywhere(tmp_path, imagenet_tree, d
     assert main([*IMAGENET, *extra, "--skip-corrupt", "--data", str(imagenet_tree), "--out", str(out)]) == EXIT_OK
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped_corrupt_files"] == 2 and summary["step"] > 0
+    assert sorted(line.rsplit("/", 2)[-2:] for line in (out / "skipped_files.txt").read_text().splitlines()) \
+        == [["class1", "0.jpg"], ["class2", "1.jpg"]]
 
 
 def test_dali_imagenet_with_autoaugment_and_random_erasing(tmp_path, imagenet_tree):

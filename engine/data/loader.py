@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -75,6 +76,14 @@ def _checked_trees(root: Path, jpeg_only: bool, skip_corrupt: bool, workers: int
     train = datasets.ImageFolderDataset(root / "train", index=scan(root / "train", progress=progress))
     val = datasets.ImageFolderDataset(root / "val", index=scan(root / "val", train.classes, progress))
     return [d.verified(jpeg_only, skip_corrupt, workers, progress) for d in (train, val)]
+
+
+def default_workers() -> int:
+    """Loader worker processes per training process: this process's CPUs shared among the processes
+    torchrun starts on the node (LOCAL_WORLD_SIZE, e.g. one per GPU), less one for the training loop,
+    at least 1, at most 8 (beyond that the decoder rarely pays on one GPU)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1))
 
 
 def train_loader(data: Data, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1,

@@ -5,7 +5,7 @@ import logging
 import sys
 
 from engine.train.config import parse_config
-from engine.train.errors import EXIT_INTERRUPTED, EXIT_NON_FINITE, EXIT_OK, BadInput, DataFailed, WriteFailed
+from engine.train.errors import EXIT_INTERRUPTED, EXIT_OK, BadInput, DataFailed, WriteFailed
 from engine.train.guard import NonFiniteError
 from engine.train.trainer import run
 
@@ -16,12 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("engine.train")
     try:
         summary = run(parse_config(argv))
-    except (BadInput, WriteFailed, DataFailed) as err:
+    except (BadInput, WriteFailed, DataFailed, NonFiniteError) as err:
         log.error("%s", err)
         return err.exit_code
-    except NonFiniteError as err:
-        log.error("%s", err)
-        return EXIT_NON_FINITE
     return EXIT_INTERRUPTED if summary["interrupted"] else EXIT_OK
 
 

@@ -112,10 +112,15 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
 def load(path: str | os.PathLike, arch: dict) -> dict[str, Any]:
     """`read` a checkpoint and check it against the supernet spec `arch` (SupernetSpec.to_dict())."""
     state = read(path)
+    check_arch(state, path, arch)
+    return state
+
+
+def check_arch(state: dict[str, Any], path: str | os.PathLike, arch: dict) -> None:
+    """CheckpointError unless the checkpoint `state` (read from `path`) holds the supernet spec `arch`."""
     if state["arch"] != arch:
         diff = {k: (state["arch"].get(k), v) for k, v in arch.items() if state["arch"].get(k) != v}
         raise CheckpointError(f"checkpoint {path} is for another architecture: (checkpoint, this run) = {diff}")
-    return state
 
 
 def rng_state() -> dict[str, Any]:

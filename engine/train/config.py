@@ -10,8 +10,10 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from engine.data.loader import DATASETS
+from engine.data.loader import DATASETS, default_workers
+from engine.train.distributed import launched_by_torchrun
 from engine.train.errors import EXIT_CODES, BadInput
+from engine.train.periodic import parse_cadence
 from engine.train.schedule import METHODS, make_plan
 
 def _opt(default: Any, help: str, **kwargs: Any) -> Any:
@@ -65,9 +67,18 @@ class TrainConfig:
     compile_backend: str = _opt("inductor", "torch.compile backend (inductor; aot_eager to debug)")
     cuda_graphs: bool = _opt(False, "capture the compiled teacher step in CUDA graphs (reduce-overhead)")
     out: str | None = _opt(None, "run folder (default runs/<method>-<dataset>)")
-    resume: str | None = _opt(None, "resume from PATH, or from <out>/checkpoint.pt when no PATH is given")
+    resume: str | None = _opt(None, "resume from PATH; bare --resume: from <out>/checkpoint.pt; auto: from "
+                                    "<out>/checkpoint.pt when there is one, else start fresh (so a job torchrun "
+                                    "restarts continues by itself)", torchrun_default="auto")
+    checkpoint_every: str = _opt("30min", "periodic checkpoint besides each epoch end: every MINUTES and/or "
+                                          "STEPS, e.g. 30min, 500steps, 30min,500steps, or off")
+    move_aside: bool = _opt(False, "when --out holds another run's checkpoint (resuming a checkpoint of a different "
+                                   "run into it), move that run's files into <out>/set-aside-<its run id>/ "
+                                   "instead of refusing")
     seed: int = _opt(0, "random seed (weights, data order, augmentation, subnet sampling)")
-    workers: int = _opt(0, "data-loading worker processes (torchvision loader; DALI threads)")
+    workers: int = _opt(0, "data-loading worker processes per training process (torchvision loader; DALI "
+                           "threads); CIFAR and ImageNet default to the CPUs per process on the node, less one, "
+                           "at most 8")
     max_steps: int | None = _opt(None, "stop after this many global steps, with a checkpoint (default: all epochs)")
     log_every: int = _opt(20, "steps between reads of the losses on the host (steps.csv, progress bar, checks)")
     max_bad_steps: int = _opt(5, "stop after this many consecutive steps with non-finite losses or gradients "
@@ -86,13 +97,15 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": dict(epochs=5, teacher_epochs=3, warmup_epochs=1, batch_size=64, lr=0.2, variant="cifar",
                    resolution=16),
     # method: E = 200 on the 32-px variant; T not given: the ImageNet fraction (150/270), W = 5
-    "cifar10": dict(epochs=200, teacher_epochs=110, warmup_epochs=5, batch_size=128, variant="cifar", resolution=32),
+    "cifar10": dict(epochs=200, teacher_epochs=110, warmup_epochs=5, batch_size=128, variant="cifar", resolution=32,
+                    workers=default_workers()),
     "cifar100": dict(epochs=200, teacher_epochs=110, warmup_epochs=5, batch_size=128, variant="cifar",
-                     resolution=32),
+                     resolution=32, workers=default_workers()),
     # the reference launch: E 270, T 150, W 5, lr 0.1625/128 img/GPU, wd 3e-5, BN momentum 0.01,
     # kernel 7 fixed, AutoAugment, random erase 0.2
     "imagenet": dict(epochs=270, teacher_epochs=150, warmup_epochs=5, batch_size=128, variant="imagenet",
-                     resolution=224, bn_momentum=0.01, kernel_sizes=[7], auto_augment=True, random_erase=0.2),
+                     resolution=224, bn_momentum=0.01, kernel_sizes=[7], auto_augment=True, random_erase=0.2,
+                     workers=default_workers()),
 }
 
 CHOICES = {"method": METHODS, "dataset": DATASETS, "sampler": ("random", "compound"),
@@ -128,22 +141,36 @@ def _lenient(kind: type) -> Callable[[str], Any]:
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m engine.train", epilog=EXIT_CODES,
                 description="Once-for-all supernet training (DεpS and baselines). Defaults per dataset follow "
-                            "the method (docs/method.md); shown defaults are the built-in ones before those.")
+                            "the method (docs/method.md); where the datasets differ, each one's default is shown.")
     p.add_argument("--config", help="JSON or YAML file holding any of the options below (flags win)")
     for f in fields(TrainConfig):
         default = f.default_factory() if f.default is MISSING else f.default
         choices = f"; one of {', '.join(CHOICES[f.name])}" if f.name in CHOICES else ""
-        help_text = f"{f.metadata['help']}{choices} (default: {default})"
+        help_text = f"{f.metadata['help']}{choices} ({_default_text(f.name, default, f.metadata)})"
         if f.type == "bool":
             p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.metadata.get("nargs"):
             p.add_argument(_flag(f.name), type=_lenient(int), nargs="+", default=None, help=help_text)
         elif f.name == "resume":
-            p.add_argument(_flag(f.name), nargs="?", const="auto", default=None, help=help_text)
+            p.add_argument(_flag(f.name), nargs="?", const="last", default=None, help=help_text)
         else:
             kind = {"int": int, "float": float, "int | None": int}.get(f.type, str)
             p.add_argument(_flag(f.name), type=_lenient(kind), default=None, help=help_text)
     return p
+
+
+def _default_text(name: str, default: Any, metadata: Any) -> str:
+    """'default: X', or the default per dataset where the datasets' defaults differ."""
+    per = {d: values.get(name, default) for d, values in DATASET_DEFAULTS.items()}
+    text = f"default: {default}"
+    if len({repr(v) for v in per.values()}) > 1:
+        groups: dict[str, list[str]] = {}
+        for d, v in per.items():
+            groups.setdefault(str(v), []).append(d)
+        text = "default: " + ", ".join(f"{'/'.join(ds)} {v}" for v, ds in groups.items())
+    if "torchrun_default" in metadata:
+        text += f"; under torchrun {metadata['torchrun_default']}"
+    return text
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
@@ -197,6 +224,8 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     dataset = cli.get("dataset", file_values.get("dataset", TrainConfig.dataset))
     defaults = DATASET_DEFAULTS.get(dataset, {}) if isinstance(dataset, str) else {}   # validate names a bad one
     cfg = TrainConfig(**{**defaults, **file_values, **cli})
+    if cfg.resume is None and launched_by_torchrun():
+        cfg.resume = "auto"
     if cfg.out is None:
         cfg.out = f"runs/{cfg.method}-{cfg.dataset}"
     validate(cfg)
@@ -248,6 +277,10 @@ def validate(cfg: TrainConfig) -> None:
         need(isinstance(cfg.max_steps, int) and cfg.max_steps >= 1, "max_steps", "must be an integer >= 1")
     for name, low, high, low_open, high_open in NUMBER_RANGES:
         number(name, low, high, low_open, high_open)
+    try:
+        parse_cadence(cfg.checkpoint_every)
+    except ValueError as err:
+        need(False, "checkpoint_every", str(err))
     _check_architecture(cfg, need, mistyped)
     _check_schedule(cfg, need, problems)
     if not mistyped & {"--data", "--out", "--resume"}:
@@ -277,14 +310,15 @@ def _check_architecture(cfg: TrainConfig, need: Callable[[bool, str, str], None]
         need(len(set(cfg.depths)) == len(set(cfg.expand_ratios)), "depths",
              f"compound sampling pairs each depth with an expand ratio: needs as many as --expand-ratios "
              f"{cfg.expand_ratios}")
-    if cfg.variant in TOTAL_STRIDE and isinstance(cfg.resolution, int) and isinstance(cfg.batch_size, int) \
-            and cfg.resolution >= 1 and cfg.batch_size >= 1:
-        stride = TOTAL_STRIDE[cfg.variant]
-        # below the total stride a stride-2 layer sees a 1-pixel map and its padding dominates: no learning
-        need(cfg.resolution >= stride, "resolution", f"the {cfg.variant} supernet halves the image "
-             f"{stride.bit_length() - 1} times: it needs at least {stride} pixels")
-        side = -(-cfg.resolution // stride)
-        need(cfg.resolution < stride or cfg.batch_size * side * side >= 2, "batch_size",
+    if cfg.variant not in TOTAL_STRIDE or not isinstance(cfg.resolution, int) or cfg.resolution < 1:
+        return
+    stride = TOTAL_STRIDE[cfg.variant]
+    # below the total stride a stride-2 layer sees a 1-pixel map and its padding dominates: no learning
+    need(cfg.resolution >= stride, "resolution", f"the {cfg.variant} supernet halves the image "
+         f"{stride.bit_length() - 1} times: it needs at least {stride} pixels")
+    side = -(-cfg.resolution // stride)
+    if cfg.resolution >= stride and isinstance(cfg.batch_size, int) and cfg.batch_size >= 1:
+        need(cfg.batch_size * side * side >= 2, "batch_size",
              f"with --resolution {cfg.resolution} the last stage is {side}x{side}: batch norm needs at least 2 "
              "values per channel, so use a larger batch or resolution")
 
@@ -321,7 +355,7 @@ def _check_paths(cfg: TrainConfig, problems: list[str]) -> None:
                     problems.append(f"--data {cfg.data!r}: no {part}/ ImageFolder tree inside")
     if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         problems.append(f"--out {cfg.out!r}: exists and is not a folder")
-    if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_file():
+    if cfg.resume not in (None, "auto", "last") and not Path(cfg.resume).is_file():
         problems.append(f"--resume {cfg.resume!r}: no such checkpoint file")
     if cfg.dali:
         import importlib.util
