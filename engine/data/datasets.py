@@ -133,9 +133,11 @@ class ImageFolderDataset(Dataset):
     """An ImageFolder tree `root/<class>/<image>`, listed by engine.data.index.scan (or from an index
     listed elsewhere, e.g. by rank 0); an unreadable image raises naming the file."""
 
-    def __init__(self, root: str | os.PathLike, classes: list[str] | None = None, index: FolderIndex | None = None) -> None:
+    def __init__(self, root: str | os.PathLike, classes: list[str] | None = None,
+                 index: FolderIndex | None = None) -> None:
         index = index or scan(root, classes)
-        self.root, self.classes, self.samples, self.fingerprint = index.root, index.classes, index.samples, index.fingerprint
+        self.root, self.classes, self.samples = index.root, index.classes, index.samples
+        self.fingerprint = index.fingerprint
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -39,7 +39,7 @@ class TrainConfig:
     label_smoothing: float = _opt(0.1, "label smoothing of the max net's cross-entropy")
     dropout: float = _opt(0.1, "dropout before the classifier")
     bn_momentum: float = _opt(0.1, "BN running-statistics momentum, PyTorch convention (weight of the new batch)")
-    temperature: float = _opt(1.0, "knowledge-distillation temperature τ (OFA's default: 1)")
+    temperature: float = _opt(1.0, "knowledge-distillation temperature τ (OFA uses 1)")
     subnets: int = _opt(4, "K, subnets per sandwich step (max, min and K - 2 sampled), >= 2")
     sampler: str = _opt("random", "how the K - 2 subnets are sampled: random (OFA) or compound (CompOFA)")
     max_multiplier: float = _opt(1.0, "loss weight of the max net")
@@ -77,8 +77,8 @@ class TrainConfig:
                                    "instead of refusing")
     seed: int = _opt(0, "random seed (weights, data order, augmentation, subnet sampling)")
     workers: int = _opt(0, "data-loading worker processes per training process (torchvision loader; DALI "
-                           "threads); CIFAR and ImageNet default to the CPUs per process on the node, less one, "
-                           "at most 8")
+                           "threads); for CIFAR and ImageNet: the CPUs per process on the node, less one, at "
+                           "most 8")
     max_steps: int | None = _opt(None, "stop after this many global steps, with a checkpoint (default: all epochs)")
     log_every: int = _opt(20, "steps between reads of the losses on the host (steps.csv, progress bar, checks)")
     max_bad_steps: int = _opt(5, "stop after this many consecutive steps with non-finite losses or gradients "
@@ -146,7 +146,10 @@ def _parser() -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         default = f.default_factory() if f.default is MISSING else f.default
         choices = f"; one of {', '.join(CHOICES[f.name])}" if f.name in CHOICES else ""
-        help_text = f"{f.metadata['help']}{choices} ({_default_text(f.name, default, f.metadata)})"
+        own = "(default" in f.metadata["help"]          # the help says the default itself (out, max_steps)
+        help_text = f"{f.metadata['help']}{choices}"
+        if not own:
+            help_text += f" ({_default_text(f.name, default, f.metadata)})"
         if f.type == "bool":
             p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.metadata.get("nargs"):

@@ -35,7 +35,12 @@ def init_distributed() -> tuple[int, int, int]:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=TIMEOUT)
+        store, rank, world = next(dist.rendezvous("env://", timeout=TIMEOUT))
+        # torchrun keeps its store across restarts: a restarted job's ranks must not read the previous
+        # attempt's addresses (they would try to connect to the dead processes)
+        store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=store, rank=rank,
+                                world_size=world, timeout=TIMEOUT)
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
