@@ -93,6 +93,8 @@ def test_damaged_checkpoint_is_refused(tmp_path, caplog):
     (["--resolution", "8", "--batch-size", "1"], "batch norm needs at least 2 values"),
     (["--teacher-epochs", "9"], "--teacher-epochs 9.0"),
     (["--dataset", "imagenet", "--data", "/no/such/folder"], "--data '/no/such/folder': no such folder"),
+    (["--seed", "-1"], "--seed -1: must be an integer in [0, 2^32)"),
+    (["--resolution", "4"], "--resolution 4: the cifar supernet halves the image 3 times"),
 ])
 def test_settings_are_checked_before_any_work(tmp_path, caplog, flags, message):
     out = tmp_path / "run"

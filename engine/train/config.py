@@ -278,6 +278,8 @@ def validate(cfg: TrainConfig) -> None:
         need(isinstance(getattr(cfg, name), int) and getattr(cfg, name) >= 0, name, "must be an integer >= 0")
     if cfg.max_steps is not None:
         need(isinstance(cfg.max_steps, int) and cfg.max_steps >= 1, "max_steps", "must be an integer >= 1")
+    need(isinstance(cfg.seed, int) and 0 <= cfg.seed < 2 ** 32, "seed", "must be an integer in [0, 2^32)")
+    need(cfg.out != "", "out", "must name a folder (an empty path would be the current folder)")
     for name, low, high, low_open, high_open in NUMBER_RANGES:
         number(name, low, high, low_open, high_open)
     try:
