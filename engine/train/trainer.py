@@ -384,9 +384,15 @@ class Training:
     def _data_failed(self, what: str, err: BaseException) -> DataFailed:
         """The run's end on a data error: this step's checkpoint is written (if not already), then the
         DataFailed to raise, naming the cause and the checkpoint to resume from."""
-        if self.saved_step != self.step:
+        if self.saved_step != self.step and self.world == 1:
             self.model.set_max_net()
             self.save()
+        elif self.saved_step != self.step and self.rank == 0:
+            # one rank's failure: no collective can be shared with ranks still training (they end when
+            # torchrun stops the job); rank 0's weights are every rank's, so it writes alone
+            self.model.set_max_net()
+            self._write_checkpoint()
+            self.saved_step = self.step
         return DataFailed(f"{what} failed after step {self.step} ({type(err).__name__}: {err}); "
                           f"{self.last_good()}: fix or remove the file (or pass --skip-corrupt) and continue with "
                           "--resume")

@@ -1,0 +1,50 @@
+"""Runs under torchrun on one host (CPU, gloo): two nodes over a c10d rendezvous on 127.0.0.1, and a
+rank killed mid-run whose job restarts and resumes by itself from the last periodic checkpoint."""
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import torch
+from torch.distributed.elastic.utils.distributed import get_free_port
+
+from test_train import TINY
+
+STEPS = 14                                      # 2 ranks x 64 images: 11 steps per epoch, crosses one epoch end
+RUN = [*TINY, "--batch-size", "64", "--max-steps", str(STEPS), "--checkpoint-every", "5steps", "--eval-subnets", "0"]
+
+
+def _torchrun(log: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """torchrun in the background, its output in `log` (a pipe could fill up and stall it)."""
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], stdout=f,
+                                stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def _weights(out) -> dict:
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["step"] == STEPS
+    return state["model"]
+
+
+def test_two_nodes_then_a_killed_rank_restarts_to_the_same_weights(tmp_path):
+    # two "nodes" (one torchrun agent each) meeting at a c10d rendezvous on the loopback interface
+    endpoint, run_id = f"127.0.0.1:{get_free_port()}", uuid.uuid4().hex[:8]
+    nodes = [_torchrun(tmp_path / f"node{i}.log", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend",
+                       "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", run_id, "-m", "engine.train", *RUN,
+                       "--out", str(tmp_path / "nodes"))
+             for i in range(2)]
+    for i, node in enumerate(nodes):
+        assert node.wait(timeout=600) == 0, (tmp_path / f"node{i}.log").read_text()[-3000:]
+    # one node, two ranks; rank 1 SIGKILLs itself after step 8 in the first attempt: torchrun restarts
+    # both ranks, which resume from the step-5 checkpoint with no --resume given
+    killed = _torchrun(tmp_path / "killed.log", "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
+                       "-m", "engine.train", *RUN, "--out", str(tmp_path / "killed"), env={"ENGINE_TEST_KILL": "1:8"})
+    log = tmp_path / "killed.log"
+    assert killed.wait(timeout=600) == 0, log.read_text()[-3000:]
+    log = log.read_text()
+    assert "resumed from step 5" in log, log[-3000:]
+    a, b = _weights(tmp_path / "nodes"), _weights(tmp_path / "killed")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
