@@ -1,16 +1,13 @@
 """Data sharding across ranks (both loaders) and errors shared by every rank, without torchrun."""
 import json
-import os
 
 import numpy as np
 import pytest
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from engine.data import sharding
 from engine.data.datasets import ArrayDataset, SeededDataset
 from engine.data.loader import Data, train_loader
-from engine.train import distributed
 
 N, BATCH = 23, 3                                     # 23 is split unevenly by 2 and by 3 ranks
 
@@ -58,31 +55,13 @@ def test_dali_reads_the_same_samples_as_torchvision(world):
     assert [idx.tolist() for _, _, idx in resumed] == _torchvision_batches(world, 1)[world - 1][1:]
 
 
-def _fail_on_rank1(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
-    distributed.init_distributed()
-
-    def work() -> int:
-        if rank == 1:
-            raise ValueError("disk full on rank 1")
-        return rank
-
-    outcome = []
-    for fn in (distributed.together, distributed.from_rank0):
-        try:
-            outcome.append(fn(work))
-        except ValueError as err:
-            outcome.append(str(err))
-    with open(f"{out}/{rank}.json", "w") as f:
-        json.dump(outcome, f)
-    dist.destroy_process_group()
-
-
 def test_an_error_on_one_rank_is_raised_on_every_rank(tmp_path):
     from torch.distributed.elastic.utils.distributed import get_free_port
 
-    # fork: the children start at once, without importing torch again
-    mp.start_processes(_fail_on_rank1, args=(get_free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    from rank_errors import fail_on_rank1
+
+    # spawn (not fork: a process forked after other tests started threads can deadlock)
+    mp.start_processes(fail_on_rank1, args=(get_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
     # together: rank 1's error on both ranks; from_rank0: rank 0's result (rank 1 never runs the work)
     assert results[0] == results[1] == ["disk full on rank 1", 0]

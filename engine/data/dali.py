@@ -90,7 +90,9 @@ class DaliLoader:
         self.dtype, self.skipped, self.epoch = dtype, 0, 0
         self.auto_augment, self.random_erase = auto_augment and train, random_erase if train else 0.0
         if isinstance(dataset, ImageFolderDataset):
-            dataset, bad = dataset.verified(jpeg_only=True, skip_corrupt=skip_corrupt, workers=num_threads)
+            bad = []
+            if not dataset.checked_jpeg_only:       # load_data's check (rank 0's, for every rank) is not redone
+                dataset, bad = dataset.verified(jpeg_only=True, skip_corrupt=skip_corrupt, workers=num_threads)
             self.skipped = len(bad)
             if bad:
                 log.warning("skipped %d unreadable or non-JPEG files under %s (first: %s)", len(bad), dataset.root,

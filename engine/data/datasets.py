@@ -138,6 +138,7 @@ class ImageFolderDataset(Dataset):
         index = index or scan(root, classes)
         self.root, self.classes, self.samples = index.root, index.classes, index.samples
         self.fingerprint = index.fingerprint
+        self.checked_jpeg_only: bool | None = None    # set by `verified`: the check this copy passed
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -155,6 +156,7 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"{path} {why}{more}: remove it, or pass --skip-corrupt to leave such files out")
         kept = copy.copy(self)
         kept.samples = [s for s in self.samples if s[0] not in bad]
+        kept.checked_jpeg_only = jpeg_only
         if not kept.samples:
             raise ValueError(f"no readable {'JPEG ' if jpeg_only else ''}images under {self.root}")
         return kept, list(bad)
