@@ -11,8 +11,8 @@ from torch.distributed.elastic.utils.distributed import get_free_port
 
 from test_train import TINY
 
-STEPS = 14                                      # 2 ranks x 64 images: 11 steps per epoch, crosses one epoch end
-RUN = [*TINY, "--batch-size", "64", "--max-steps", str(STEPS), "--checkpoint-every", "5steps", "--eval-subnets", "0"]
+STEPS = 9                                       # 2 ranks x 64 images: 11 steps per epoch
+RUN = [*TINY, "--batch-size", "64", "--max-steps", str(STEPS), "--checkpoint-every", "4steps", "--eval-subnets", "0", "--calib-images", "64"]
 
 
 def _torchrun(log: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
@@ -48,13 +48,13 @@ def test_two_nodes_then_a_killed_rank_restarts_to_the_same_weights(tmp_path):
              for i in range(2)]
     for i, node in enumerate(nodes):
         _wait(node, tmp_path / f"node{i}.log")
-    # one node, two ranks; rank 1 SIGKILLs itself after step 8 in the first attempt: torchrun restarts
-    # both ranks, which resume from the step-5 checkpoint with no --resume given
+    # one node, two ranks; rank 1 SIGKILLs itself after step 6 in the first attempt: torchrun restarts
+    # both ranks, which resume from the step-4 checkpoint with no --resume given
     killed = _torchrun(tmp_path / "killed.log", "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
-                       "-m", "engine.train", *RUN, "--out", str(tmp_path / "killed"), env={"ENGINE_TEST_KILL": "1:8"})
+                       "-m", "engine.train", *RUN, "--out", str(tmp_path / "killed"), env={"ENGINE_TEST_KILL": "1:6"})
     _wait(killed, tmp_path / "killed.log")
     log = (tmp_path / "killed.log").read_text()
-    assert "resumed from step 5" in log, log[-3000:]
+    assert "resumed from step 4" in log, log[-3000:]
     a, b = _weights(tmp_path / "nodes"), _weights(tmp_path / "killed")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
