@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import environment, write_json  # noqa: E402
 from engine.train.__main__ import main as train_main  # noqa: E402
+from engine.train.logger import hours_file_name  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
             if train_main(["--method", method, "--out", str(out), "--no-progress", *args.train_args]) != 0:
                 raise SystemExit(f"engine.train --method {method} failed")
             summary = json.loads((out / "summary.json").read_text())
-            hours = json.loads((out / "gpu_hours.json").read_text())
+            hours = json.loads((out / hours_file_name("cpu" if env["device_type"] == "cpu" else "gpu")).read_text())
             results[method] = {"eval": summary["eval"], "device_hours": hours["used_hours"], "steps": summary["step"]}
     names = [r["subnet"] for r in next(iter(results.values()))["eval"]]
     print(f"{'method':8s} {'steps':>5s} {'hours':>7s} " + " ".join(f"{n:>8s}" for n in names))

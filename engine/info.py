@@ -41,7 +41,7 @@ def table_summary(path: Path, device: torch.device) -> list[str]:
 def report(table: Path | None = None) -> str:
     """A multi-line description of the environment and the dispatch table."""
     lines = [f"python {platform.python_version()}  torch {torch.__version__}  cuda {torch.version.cuda}"]
-    for dist in ("triton", "torchvision", "nvidia-dali-cuda130", "nvidia-dali-cuda120"):
+    for dist in ("triton", "torchvision", "nvidia-dali-cuda130", "onnxruntime"):     # setup.py's packages
         try:
             lines.append(f"{dist} {metadata.version(dist)}")
         except metadata.PackageNotFoundError:

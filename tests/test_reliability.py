@@ -15,7 +15,8 @@ import torch
 
 from engine.train import trainer
 from engine.train.__main__ import main
-from engine.train.config import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NON_FINITE, EXIT_OK, TrainConfig, _parser
+from engine.train.config import TrainConfig, _parser
+from engine.train.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NON_FINITE, EXIT_OK
 from helpers import make_jpeg_tree
 
 TINY = ["--resolution", "8", "--batch-size", "128", "--kernel-sizes", "3", "5", "--expand-ratios", "3", "4",
@@ -44,6 +45,7 @@ def test_diverging_run_stops_and_keeps_no_nan_checkpoint(tmp_path, caplog):
     assert not (out / "checkpoint.pt").exists()                      # no epoch ended: nothing written
     rows = list(csv.DictReader(open(out / "steps.csv")))
     assert [r["skipped"] for r in rows[:2]] == ["0", "0"] and all(r["skipped"] == "1" for r in rows[2:])
+    assert json.loads((out / "summary.json").read_text())["exit_code"] == EXIT_NON_FINITE   # on every exit
 
 
 def test_divergence_after_a_checkpoint_keeps_the_last_good_one(tmp_path, monkeypatch, caplog):
@@ -91,6 +93,8 @@ def test_damaged_checkpoint_is_refused(tmp_path, caplog):
     (["--resolution", "8", "--batch-size", "1"], "batch norm needs at least 2 values"),
     (["--teacher-epochs", "9"], "--teacher-epochs 9.0"),
     (["--dataset", "imagenet", "--data", "/no/such/folder"], "--data '/no/such/folder': no such folder"),
+    (["--seed", "-1"], "--seed -1: must be an integer in [0, 2^32)"),
+    (["--resolution", "4"], "--resolution 4: the cifar supernet halves the image 3 times"),
 ])
 def test_settings_are_checked_before_any_work(tmp_path, caplog, flags, message):
     out = tmp_path / "run"
@@ -196,6 +200,8 @@ def test_skip_corrupt_leaves_bad_files_out_everywhere(tmp_path, imagenet_tree, d
     assert main([*IMAGENET, *extra, "--skip-corrupt", "--data", str(imagenet_tree), "--out", str(out)]) == EXIT_OK
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped_corrupt_files"] == 2 and summary["step"] > 0
+    assert sorted(line.rsplit("/", 2)[-2:] for line in (out / "skipped_files.txt").read_text().splitlines()) \
+        == [["class1", "0.jpg"], ["class2", "1.jpg"]]
 
 
 def test_dali_imagenet_with_autoaugment_and_random_erasing(tmp_path, imagenet_tree):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.train.__main__ import main
-from engine.train.config import EXIT_INTERRUPTED
+from engine.train.errors import EXIT_INTERRUPTED
 from helpers import ranks_env
 
 # a small supernet and 8-px inputs keep each run to seconds on a CPU
@@ -55,12 +55,12 @@ def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path):
 def test_full_run_writes_reports_and_refuses_to_overwrite(tmp_path):
     out = tmp_path / "run"
     assert _run(out, "--epochs", "2", "--teacher-epochs", "1", "--warmup-epochs", "0.5") == 0
-    for name in ("checkpoint.pt", "steps.csv", "pareto.csv", "pareto.png", "gpu_hours.json", "summary.json",
+    for name in ("checkpoint.pt", "steps.csv", "pareto.csv", "pareto.png", "cpu_hours.json", "summary.json",
                  "config.json"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     assert {r["subnet"] for r in summary["eval"]} == {"max", "min", "random0"}
-    hours = json.loads((out / "gpu_hours.json").read_text())
+    hours = json.loads((out / "cpu_hours.json").read_text())
     assert hours["projected_total_hours"] >= hours["used_hours"] > 0
     before = (out / "checkpoint.pt").read_bytes()
     assert _run(out) == 2                                      # exists, no --resume

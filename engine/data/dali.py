@@ -2,12 +2,13 @@
 the same augmentations as the torchvision path (engine/data/transforms.py), distribution-wise.
 
 Sources
-  ImageFolder trees of JPEGs: fn.readers.file, sharded by rank (shard_id/num_shards), a global
-  permutation per epoch seeded with the run's seed (shuffle_after_epoch: every sample exactly once per
-  epoch across ranks); train: decode + random-resized-crop (area 0.08-1, ratio 3/4-4/3) fused in the
-  decoder, resize, then the common training tail; val: resize (R / 0.875) + centre crop.
-  In-memory arrays (CIFAR python batches, the built-in digits): an external source over a per-epoch
-  seeded permutation of this rank's shard; train: padded random crop, then the common training tail.
+  One external source for both kinds of data, reading the samples engine.data.sharding assigns to this
+  rank (the torchvision loader's rule: every sample at most once per epoch across ranks, the same
+  number of full batches on every rank), starting at (start_epoch, skip_batches) for an exact
+  mid-epoch resume. ImageFolder trees of JPEGs: the encoded bytes; train: decode + random-resized-crop
+  (area 0.08-1, ratio 3/4-4/3) fused in the decoder, resize, then the common training tail; val:
+  resize (R / 0.875) + centre crop. In-memory arrays (CIFAR python batches, the built-in digits):
+  train: padded random crop, then the common training tail.
   Training tail: [AutoAugment: ImageNet, reduced-CIFAR-10 or SVHN policy by data kind], flip (not for
   digits), normalise, [random erasing] (the pipeline is built with conditionals for AutoAugment).
 Outputs are channels-last (N, 3, R, R) float tensors (float16/bfloat16/float32) and int64 labels.
@@ -17,13 +18,13 @@ input computed from the iteration index inside the pipeline, so each step gets i
 rebuild and no lag from prefetching (a value set from Python between steps would arrive
 prefetch_queue_depth batches late).
 
-Bad input: a missing path or empty class folder fails while listing files (engine.data.datasets); a
-file that is not a JPEG, or a truncated one (no end-of-image marker: DALI's CPU decoder was seen to
-crash the process on one), fails up front naming it; with skip_corrupt=True every file is decoded once
-(ImageFolderDataset.without_unreadable, as the torchvision path does) and unreadable or non-JPEG ones
-are left out and counted instead. An error DALI raises while decoding (a
-corrupt JPEG body: DALI's message does not name the file) is re-raised naming the unreadable files,
-found by a time-bounded scan on that error path (a ValueError: bad input).
+Bad input: a missing path or empty class folder fails while listing files (engine.data.index); a
+file that is not a JPEG, or a truncated one (DALI's CPU decoder was seen to crash the process on one),
+fails up front naming it (engine.data.checks, shared with the torchvision loader and cached per folder);
+with skip_corrupt=True every file is also decoded once and the bad ones are left out and counted. An
+error DALI raises while decoding (a corrupt JPEG body: DALI's message does not name the file) is
+re-raised naming the unreadable files, found by a time-bounded scan on that error path (a ValueError:
+bad input).
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from engine.data.datasets import ArrayDataset, ImageFolderDataset, is_jpeg, jpeg_truncated, readable
+from engine.data import sharding
+from engine.data.datasets import ArrayDataset, ImageFolderDataset, readable
 from engine.data.transforms import MEAN, STD
 
 log = logging.getLogger("engine.data.dali")
@@ -51,25 +53,6 @@ def dali_available() -> tuple[bool, str]:
     except ImportError as err:
         return False, f"nvidia-dali is not installed ({err}); pip install -e .[dali]"
     return True, "nvidia-dali " + nvidia.dali.__version__
-
-
-def checked_files(dataset: ImageFolderDataset, skip_corrupt: bool) -> tuple[list[str], list[int], int]:
-    """(paths, labels, skipped). A non-JPEG file raises naming it; with skip_corrupt every file is decoded
-    once and unreadable or non-JPEG ones are left out (ImageFolderDataset.without_unreadable)."""
-    skipped = 0
-    if skip_corrupt:
-        dataset, bad = dataset.without_unreadable(jpeg_only=True)
-        skipped = len(bad)
-        if bad:
-            log.warning("skipped %d unreadable or non-JPEG files under %s (first: %s)", skipped, dataset.root, bad[0])
-    for path, _ in dataset.samples:
-        if not is_jpeg(path):
-            raise ValueError(f"{path} is not a JPEG file (DALI's file reader decodes JPEG only); "
-                             "convert it, remove it, or pass --skip-corrupt")
-        if jpeg_truncated(path):        # DALI's CPU decoder can crash the process on these
-            raise ValueError(f"{path} is a truncated JPEG (no end-of-image marker); remove it, or pass "
-                             "--skip-corrupt")
-    return [p for p, _ in dataset.samples], [label for _, label in dataset.samples], skipped
 
 
 def unreadable_files(paths: list[str], limit: int = 5, seconds: float = 120.0) -> list[str]:
@@ -93,7 +76,8 @@ class DaliLoader:
                  resolution: int, seed: int = 0, rank: int = 0, world: int = 1, device_id: int | None = None,
                  num_threads: int = 2, dtype: torch.dtype = torch.float32, auto_augment: bool = False,
                  random_erase: float = 0.0, resolution_fn: Callable[[int], int] | None = None,
-                 skip_corrupt: bool = False, with_index: bool = False) -> None:
+                 skip_corrupt: bool = False, with_index: bool = False, start_epoch: int = 0,
+                 skip_batches: int = 0) -> None:
         ok, why = dali_available()
         if not ok:
             raise RuntimeError(why)
@@ -101,36 +85,55 @@ class DaliLoader:
 
         self.dataset, self.batch_size, self.train, self.kind = dataset, batch_size, train, kind
         self.rank, self.world, self.seed, self.with_index = rank, world, seed, with_index
+        self.start_epoch, self.skip_batches, self._order = start_epoch, skip_batches, (-1, np.zeros(0, np.int64))
         self.resolution_fn = resolution_fn or (lambda iteration: resolution)
         self.dtype, self.skipped, self.epoch = dtype, 0, 0
         self.auto_augment, self.random_erase = auto_augment and train, random_erase if train else 0.0
         if isinstance(dataset, ImageFolderDataset):
-            paths, labels, self.skipped = checked_files(dataset, skip_corrupt)
-            self._paths, self.num_samples = paths, len(paths)
-            build = lambda: self._file_pipeline(paths, batch_size, num_threads, device_id)  # noqa: E731
-            reader = {"reader_name": "reader"}
+            bad = []
+            if not dataset.checked_jpeg_only:       # load_data's check (rank 0's, for every rank) is not redone
+                dataset, bad = dataset.verified(jpeg_only=True, skip_corrupt=skip_corrupt, workers=num_threads)
+            self.skipped = len(bad)
+            if bad:
+                log.warning("skipped %d unreadable or non-JPEG files under %s (first: %s)", len(bad), dataset.root,
+                            bad[0])
+            self._paths, labels = [p for p, _ in dataset.samples], [label for _, label in dataset.samples]
+            read, pad = (lambda i: np.fromfile(self._paths[i], dtype=np.uint8)), 0
         elif isinstance(dataset, ArrayDataset):
             labels = dataset.labels.tolist()
-            self.num_samples = len(labels)
             pad = {"cifar": 4, "digits": 2}.get(kind, 0) if train else 0
-            self._padded = np.pad(dataset.images, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else dataset.images
-            self._shard = np.arange(rank, self.num_samples, world)
-            build = lambda: self._array_pipeline(batch_size, num_threads, device_id, pad)  # noqa: E731
-            reader = {"size": len(self._shard), "last_batch_padded": True}
+            padded = np.pad(dataset.images, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else dataset.images
+            read = padded.__getitem__
         else:
             raise TypeError(f"DALI needs an ImageFolder or in-memory array dataset, got {type(dataset).__name__}")
+        self.num_samples = len(labels)
+        # evaluation: the last partial batch is padded with the shard's last sample; the iterator trims it
+        shard = sharding.eval_shard(self.num_samples, rank, world)
+        self._eval = np.array(shard + shard[-1:] * (-len(shard) % batch_size), np.int64)
         # labels stay on the output device: looked up there by index, no blocking copy per batch
         self._labels = torch.tensor(labels, dtype=torch.int64,
                                     device="cpu" if device_id is None else torch.device("cuda", device_id))
-        with warnings.catch_warnings():      # DALI's own deprecated aliases; "set reader_name" (arrays)
+        with warnings.catch_warnings():      # DALI's own deprecated aliases
             warnings.simplefilter("ignore")
-            pipe = build()
+            pipe = self._pipeline(read, isinstance(dataset, ImageFolderDataset), pad, num_threads, device_id)
+            size = {"size": len(shard), "last_batch_padded": True} if not train else {}
             try:                                # the iterator runs the pipeline ahead (prefetch) already
                 self._iterator = DALIGenericIterator(
                     pipe, ["images", "index"], auto_reset=True,
-                    last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL, **reader)
+                    last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL, **size)
             except RuntimeError as err:
                 raise self._decode_error(err) from err
+
+    def _indices(self, dali_epoch: int) -> np.ndarray:
+        """Dataset indices of the pipeline's epoch `dali_epoch` on this rank, in reading order."""
+        if not self.train:
+            return self._eval
+        if self._order[0] != dali_epoch:            # one permutation per epoch, not per sample
+            batches = sharding.epoch_batches(self.num_samples, self.batch_size, self.seed,
+                                             self.start_epoch + dali_epoch, self.rank, self.world)
+            skip = self.skip_batches if dali_epoch == 0 else 0
+            self._order = (dali_epoch, np.array(batches[skip:], np.int64).reshape(-1))
+        return self._order[1]
 
     # ---- pipelines ---------------------------------------------------------------------------
     def _normalise(self, images, fn, types, mirror):
@@ -170,65 +173,31 @@ class DaliLoader:
         return fn.external_source(source=lambda info: np.array([res(info.iteration)] * 2, np.float32),
                                   batch=False)
 
-    def _file_pipeline(self, paths, batch_size, num_threads, device_id):
+    def _pipeline(self, read: Callable[[int], np.ndarray], encoded: bool, pad: int, num_threads: int,
+                  device_id: int | None):
+        """`read(i)`: sample i's JPEG bytes (`encoded`) or HWC uint8 image padded by `pad` pixels."""
         import nvidia.dali.fn as fn
         import nvidia.dali.types as types
         from nvidia.dali import pipeline_def
 
-        decoder_device = "mixed" if device_id is not None else "cpu"
-
-        # shuffle_after_epoch permutes with a fixed internal seed (identical on every shard): start
-        # from a permutation drawn with the run's seed so the order still depends on it
-        order = np.random.default_rng(self.seed).permutation(len(paths)) if self.train else np.arange(len(paths))
-
-        # AutoAugment picks its operations with `if` on data nodes: DALI needs conditionals enabled
-        @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                      seed=self.seed * 1000 + self.rank, enable_conditionals=self.auto_augment)
-        def pipeline():
-            jpegs, index = fn.readers.file(files=[paths[i] for i in order], labels=order.tolist(),
-                                           shard_id=self.rank, num_shards=self.world,
-                                           shuffle_after_epoch=self.train, pad_last_batch=True, name="reader")
-            size = self._size_source(fn)
-            if self.train:
-                images = fn.decoders.image_random_crop(jpegs, device=decoder_device, output_type=types.RGB,
-                                                       random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3])
-                return self._train_tail(fn.resize(images, size=size), size, fn, types), index
-            images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
-            images = fn.crop(fn.resize(images, resize_shorter=size[0] / 0.875), crop=size)
-            return self._normalise(images, fn, types, 0), index
-
-        return pipeline()
-
-    def _array_pipeline(self, batch_size, num_threads, device_id, pad):
-        import nvidia.dali.fn as fn
-        import nvidia.dali.types as types
-        from nvidia.dali import pipeline_def
-
-        loader = self
-        native = list(self.dataset.images.shape[1:3])
-
-        shard = len(self._shard)
-        # whole batches only (a per-sample source ending mid-batch loses that batch): training drops
-        # the remainder, evaluation pads with the last sample and the iterator trims the padding
-        epoch_len = shard // batch_size * batch_size if self.train else -(-shard // batch_size) * batch_size
+        loader, native = self, None if encoded else list(self.dataset.images.shape[1:3])
 
         def sample(info):
-            if info.idx_in_epoch >= epoch_len:
+            order = loader._indices(info.epoch_idx)
+            if info.idx_in_epoch >= len(order):
                 raise StopIteration
-            order = loader._shard
-            if loader.train:
-                perm = np.random.default_rng((loader.seed, info.epoch_idx)).permutation(loader.num_samples)
-                order = perm[loader.rank::loader.world][:len(loader._shard)]
-            i = int(order[min(info.idx_in_epoch, shard - 1)])
-            return loader._padded[i], np.array([i], np.int32)
+            i = int(order[info.idx_in_epoch])
+            return read(i), np.array([i], np.int32)
 
-        @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+        # AutoAugment picks its operations with `if` on data nodes: DALI needs conditionals enabled
+        @pipeline_def(batch_size=self.batch_size, num_threads=num_threads, device_id=device_id,
                       seed=self.seed * 1000 + self.rank, enable_conditionals=self.auto_augment)
         def pipeline():
-            images, index = fn.external_source(source=sample, num_outputs=2, batch=False)
-            if device_id is not None:
-                images = images.gpu()
+            data, index = fn.external_source(source=sample, num_outputs=2, batch=False)
             size = self._size_source(fn)
+            if encoded:
+                return self._decode(data, size, fn, types, "mixed" if device_id is not None else "cpu"), index
+            images = data.gpu() if device_id is not None else data
             if not self.train:
                 return self._normalise(fn.resize(images, size=size), fn, types, 0), index
             if pad:                                              # padded random crop at native size
@@ -237,6 +206,16 @@ class DaliLoader:
             return self._train_tail(fn.resize(images, size=size), size, fn, types), index
 
         return pipeline()
+
+    def _decode(self, jpegs, size, fn, types, device: str):
+        """Decoded, cropped and augmented JPEGs (train) or resized and centre-cropped ones (val)."""
+        if self.train:
+            images = fn.decoders.image_random_crop(jpegs, device=device, output_type=types.RGB,
+                                                   random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3])
+            return self._train_tail(fn.resize(images, size=size), size, fn, types)
+        images = fn.decoders.image(jpegs, device=device, output_type=types.RGB)
+        images = fn.crop(fn.resize(images, resize_shorter=size[0] / 0.875), crop=size)
+        return self._normalise(images, fn, types, 0)
 
     # ---- iteration -------------------------------------------------------------------------------
     def _decode_error(self, err: RuntimeError) -> ValueError:
@@ -250,8 +229,10 @@ class DaliLoader:
                           "verify every file and leave unreadable ones out.")
 
     def __len__(self) -> int:
-        shard = -(-self.num_samples // self.world) if self.world > 1 else self.num_samples
-        return shard // self.batch_size if self.train else -(-shard // self.batch_size)
+        """Batches in a full epoch (training: engine.data.sharding.steps_per_epoch)."""
+        if self.train:
+            return sharding.steps_per_epoch(self.num_samples, self.batch_size, self.world)
+        return -(-len(sharding.eval_shard(self.num_samples, self.rank, self.world)) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         try:

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+from engine.data import checks
+from engine.data.index import FolderIndex, scan
+
 
 
 class SeededDataset(Dataset):
@@ -115,36 +117,10 @@ def cifar(path: str | os.PathLike) -> tuple[ArrayDataset, ArrayDataset]:
     return ArrayDataset(xtr, ytr, classes), ArrayDataset(xte, yte, classes)
 
 
-JPEG_MAGIC = b"\xff\xd8\xff"
-
-
-def is_jpeg(path: str) -> bool:
-    """True when the file starts with the JPEG magic bytes."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(3) == JPEG_MAGIC
-    except OSError:
-        return False
-
-
-def jpeg_truncated(path: str, tail: int = 1024) -> bool:
-    """True when a JPEG file has no end-of-image marker (FF D9) in its last `tail` bytes: cut short
-    (a cheap check, no decoding; some decoders crash on such files instead of failing)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - tail))
-            return b"\xff\xd9" not in f.read()
-    except OSError:
-        return True
-
-
-def readable(path: str, jpeg_only: bool = False) -> bool:
-    """True when the image file decodes completely (PIL), and is a JPEG if `jpeg_only`."""
+def readable(path: str) -> bool:
+    """True when the image file decodes completely (PIL)."""
     from PIL import Image
 
-    if jpeg_only and not is_jpeg(path):
-        return False
     try:
         with Image.open(path) as im:
             im.load()
@@ -154,43 +130,36 @@ def readable(path: str, jpeg_only: bool = False) -> bool:
 
 
 class ImageFolderDataset(Dataset):
-    """An ImageFolder tree `root/<class>/<image>`; checked up front (missing path, no classes, an
-    empty class folder) and an unreadable image raises naming the file."""
+    """An ImageFolder tree `root/<class>/<image>`, listed by engine.data.index.scan (or from an index
+    listed elsewhere, e.g. by rank 0); an unreadable image raises naming the file."""
 
-    def __init__(self, root: str | os.PathLike, classes: list[str] | None = None) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"data folder {self.root} does not exist")
-        found = sorted(d.name for d in self.root.iterdir() if d.is_dir())
-        if not found:
-            raise ValueError(f"{self.root} has no class sub-folders (expected root/<class>/<image>.jpg)")
-        self.classes = classes or found
-        self.samples: list[tuple[str, int]] = []
-        for label, name in enumerate(self.classes):
-            folder = self.root / name
-            if not folder.is_dir():
-                raise FileNotFoundError(f"class folder {folder} is missing")
-            files = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-            if not files:
-                raise ValueError(f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-            self.samples += [(f, label) for f in files]
+    def __init__(self, root: str | os.PathLike, classes: list[str] | None = None,
+                 index: FolderIndex | None = None) -> None:
+        index = index or scan(root, classes)
+        self.root, self.classes, self.samples = index.root, index.classes, index.samples
+        self.fingerprint = index.fingerprint
+        self.checked_jpeg_only: bool | None = None    # set by `verified`: the check this copy passed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def without_unreadable(self, jpeg_only: bool = False, workers: int = 8) -> tuple["ImageFolderDataset", list[str]]:
-        """(a copy holding only the files that decode (and are JPEG, with `jpeg_only`: DALI's file reader
-        decodes JPEG only), the paths left out). Every file is decoded once, on `workers` threads."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            ok = list(pool.map(lambda sample: readable(sample[0], jpeg_only), self.samples))
+    def verified(self, jpeg_only: bool = False, skip_corrupt: bool = False, workers: int = 8,
+                 progress: bool = False) -> tuple["ImageFolderDataset", list[str]]:
+        """(this dataset without the files engine.data.checks finds bad, their paths). Without
+        `skip_corrupt` a bad file is a ValueError naming it; with it, every file is also decoded and the
+        bad ones are left out."""
+        bad = checks.bad_files([p for p, _ in self.samples], self.fingerprint, jpeg_only, skip_corrupt, workers,
+                               progress)
+        if bad and not skip_corrupt:
+            path, why = next(iter(bad.items()))
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise ValueError(f"{path} {why}{more}: remove it, or pass --skip-corrupt to leave such files out")
         kept = copy.copy(self)
-        kept.samples = [s for s, good in zip(self.samples, ok) if good]
-        skipped = [s[0] for s, good in zip(self.samples, ok) if not good]
+        kept.samples = [s for s in self.samples if s[0] not in bad]
+        kept.checked_jpeg_only = jpeg_only
         if not kept.samples:
             raise ValueError(f"no readable {'JPEG ' if jpeg_only else ''}images under {self.root}")
-        return kept, skipped
+        return kept, list(bad)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         from torchvision.io import ImageReadMode, decode_image, read_file

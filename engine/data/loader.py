@@ -2,19 +2,23 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
-from engine.data import datasets
+from engine.data import datasets, sharding
+from engine.data.index import scan
 from engine.data.transforms import train_transform, val_transform
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
 
 
 log = logging.getLogger("engine.data")
+T = TypeVar("T")
 
 
 @dataclass
@@ -29,13 +33,16 @@ class Data:
 
 def load_data(dataset: str, path: str | None, resolution: int, seed: int, auto_augment: bool = False,
               random_erase: float = 0.0, skip_corrupt: bool = False, jpeg_only: bool = False,
-              workers: int = 8) -> Data:
+              workers: int = 8, share: Callable[[Callable[[], T]], T] | None = None, progress: bool = False) -> Data:
     """dataset: "digits" (built in, no path), "cifar10"/"cifar100" (python batches in `path`),
     "imagenet" (ImageFolder trees `path`/train and `path`/val of JPEGs).
 
-    skip_corrupt: decode every image file once (on `workers` threads) and leave out the unreadable ones
-    (and non-JPEG ones with `jpeg_only`, for DALI) from both splits, so training, BN calibration and
-    evaluation all see the same files."""
+    ImageFolder trees are listed once and every file is checked up front (engine.data.checks: structure,
+    JPEG-only with `jpeg_only` for DALI; cached per folder contents, on `workers` threads): a bad file is
+    a ValueError naming it, or with `skip_corrupt` every file is also decoded and the bad ones are left
+    out of both splits, so training, BN calibration and evaluation all see the same files.
+    `share(fn)`: runs fn once per job and gives every rank its result (engine.train.distributed.from_rank0);
+    by default fn runs here."""
     skipped: list[str] = []
     if dataset == "digits":
         if path:
@@ -50,16 +57,13 @@ def load_data(dataset: str, path: str | None, resolution: int, seed: int, auto_a
     elif dataset == "imagenet":
         if not path:
             raise ValueError("--dataset imagenet needs --data PATH holding train/ and val/ ImageFolder trees")
-        root = Path(path)
-        train = datasets.ImageFolderDataset(root / "train")
-        val = datasets.ImageFolderDataset(root / "val", classes=train.classes)
+        (train, bad_train), (val, bad_val) = (share or (lambda fn: fn()))(
+            lambda: _checked_trees(Path(path), jpeg_only, skip_corrupt, workers, progress))
+        skipped = bad_train + bad_val
         kind = "imagenet"
-        if skip_corrupt:
-            (train, bad_train), (val, bad_val) = (d.without_unreadable(jpeg_only, workers) for d in (train, val))
-            skipped = bad_train + bad_val
-            if skipped:
-                log.warning("--skip-corrupt: left out %d unreadable%s image files (first: %s)", len(skipped),
-                            " or non-JPEG" if jpeg_only else "", skipped[0])
+        if skipped:
+            log.warning("--skip-corrupt: left out %d unreadable%s image files (first: %s)", len(skipped),
+                        " or non-JPEG" if jpeg_only else "", skipped[0])
     else:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
     return Data(datasets.SeededDataset(train, train_transform(kind, resolution, auto_augment, random_erase), seed),
@@ -67,30 +71,42 @@ def load_data(dataset: str, path: str | None, resolution: int, seed: int, auto_a
                 len(train.classes), kind, resolution, skipped)
 
 
+def _checked_trees(root: Path, jpeg_only: bool, skip_corrupt: bool, workers: int, progress: bool) -> list[tuple]:
+    """[(train dataset, its bad files), (val dataset, its bad files)], listed and checked."""
+    train = datasets.ImageFolderDataset(root / "train", index=scan(root / "train", progress=progress))
+    val = datasets.ImageFolderDataset(root / "val", index=scan(root / "val", train.classes, progress))
+    return [d.verified(jpeg_only, skip_corrupt, workers, progress) for d in (train, val)]
+
+
+def default_workers() -> int:
+    """Loader worker processes per training process: this process's CPUs shared among the processes
+    torchrun starts on the node (LOCAL_WORLD_SIZE, e.g. one per GPU), less one for the training loop,
+    at least 1, at most 8 (beyond that the decoder rarely pays on one GPU)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1))
+
+
 def train_loader(data: Data, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1,
                  skip_batches: int = 0, workers: int = 0) -> DataLoader:
-    """This rank's shard of epoch `epoch` (shuffled with the run's seed, incomplete batch dropped),
-    starting after `skip_batches` batches (mid-epoch resume)."""
-    sampler = DistributedSampler(data.train, world, rank, shuffle=True, seed=seed, drop_last=True)
-    sampler.set_epoch(epoch)
-    data.train.set_epoch(epoch)
-    indices = list(sampler)
-    batches = [indices[i:i + batch_size] for i in range(0, len(indices) - batch_size + 1, batch_size)]
+    """This rank's batches of epoch `epoch` (engine.data.sharding), starting after `skip_batches`
+    batches (mid-epoch resume)."""
+    batches = sharding.epoch_batches(len(data.train), batch_size, seed, epoch, rank, world)
     if not batches:
         raise ValueError(f"batch size {batch_size} x {world} ranks exceeds the {len(data.train)} training images")
+    data.train.set_epoch(epoch)
     return DataLoader(data.train, batch_sampler=batches[skip_batches:], num_workers=workers,
                       pin_memory=torch.cuda.is_available())
 
 
 def steps_per_epoch(data: Data, batch_size: int, world: int = 1) -> int:
     """Optimizer steps in one epoch."""
-    return (len(data.train) // world) // batch_size
+    return sharding.steps_per_epoch(len(data.train), batch_size, world)
 
 
 def shard_loader(dataset: Dataset, batch_size: int, rank: int = 0, world: int = 1, workers: int = 0) -> DataLoader:
-    """In-order loader over this rank's shard (indices rank, rank + world, ...): every sample once overall."""
-    indices = list(range(rank, len(dataset), world))
-    return DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=workers)
+    """In-order loader over this rank's evaluation shard: every sample once overall."""
+    subset = torch.utils.data.Subset(dataset, sharding.eval_shard(len(dataset), rank, world))
+    return DataLoader(subset, batch_size=batch_size, num_workers=workers)
 
 
 def calibration_batches(data: Data, images: int, batch_size: int, device: torch.device,

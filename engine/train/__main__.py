@@ -4,24 +4,21 @@ from __future__ import annotations
 import logging
 import sys
 
-from engine.train.checkpoint import CheckpointError
-from engine.train.config import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NON_FINITE, EXIT_OK, parse_config
+from engine.train.config import parse_config
+from engine.train.errors import EXIT_INTERRUPTED, EXIT_OK, BadInput, DataFailed, WriteFailed
 from engine.train.guard import NonFiniteError
 from engine.train.trainer import run
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one training; every expected failure ends in one logged line and its exit code (errors.py)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     log = logging.getLogger("engine.train")
     try:
-        cfg = parse_config(argv)
-        summary = run(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, NotImplementedError) as err:
+        summary = run(parse_config(argv))
+    except (BadInput, WriteFailed, DataFailed, NonFiniteError) as err:
         log.error("%s", err)
-        return EXIT_BAD_INPUT
-    except NonFiniteError as err:
-        log.error("%s", err)
-        return EXIT_NON_FINITE
+        return err.exit_code
     return EXIT_INTERRUPTED if summary["interrupted"] else EXIT_OK
 
 

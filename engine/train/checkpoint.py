@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.train.errors import BadInput, WriteFailed
 
 log = logging.getLogger("engine.train")
 FORMAT = 2            # 1: no integrity record (accepted with a warning, not verified)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(BadInput):
     """A checkpoint that cannot be used for this run (unreadable, damaged, or another architecture)."""
 
 
@@ -54,16 +55,34 @@ def digest(value: Any) -> str:
 
 def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Add the integrity record, write to a temporary file beside `path`, fsync, then rename over it:
-    a crash mid-write never leaves a truncated checkpoint."""
+    a crash mid-write never leaves a truncated checkpoint. A failed write removes the temporary file and
+    raises WriteFailed naming the cause; `path` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {**state, "integrity": {"format": FORMAT, "sha256": digest(state)}}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:       # a partial temporary must never stay behind (it may fill the disk)
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, (OSError, RuntimeError)):
+            raise WriteFailed(f"writing checkpoint {path} failed ({write_error_cause(err)})") from err
+        raise
+
+
+def write_error_cause(err: BaseException) -> str:
+    """The OS's reason behind a failed write: torch.save reports a failed write as a RuntimeError
+    ("unexpected pos ...") whose context is the OSError (disk full, file too large, permission)."""
+    seen = err
+    while seen is not None and not isinstance(seen, OSError):
+        seen = seen.__cause__ or seen.__context__
+    if seen is None:
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    return f"{seen.strerror or seen}" + (f": {seen.filename}" if seen.filename else "")
 
 
 def read(path: str | os.PathLike) -> dict[str, Any]:
@@ -93,10 +112,15 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
 def load(path: str | os.PathLike, arch: dict) -> dict[str, Any]:
     """`read` a checkpoint and check it against the supernet spec `arch` (SupernetSpec.to_dict())."""
     state = read(path)
+    check_arch(state, path, arch)
+    return state
+
+
+def check_arch(state: dict[str, Any], path: str | os.PathLike, arch: dict) -> None:
+    """CheckpointError unless the checkpoint `state` (read from `path`) holds the supernet spec `arch`."""
     if state["arch"] != arch:
         diff = {k: (state["arch"].get(k), v) for k, v in arch.items() if state["arch"].get(k) != v}
         raise CheckpointError(f"checkpoint {path} is for another architecture: (checkpoint, this run) = {diff}")
-    return state
 
 
 def rng_state() -> dict[str, Any]:

@@ -15,7 +15,7 @@ activation, SE, residual glue); a forced backend (--backend triton) puts the cus
 TORCHINDUCTOR_CACHE_DIR is set) are reused across runs and resumes. Where this torch cannot compile
 (no C++ compiler for inductor on CPU, no Triton on a GPU), a probe at start-up says so in one log
 line and training runs eager. The seconds spent in steps that compiled a graph are counted apart
-(`compile_seconds`, in gpu_hours.json).
+(`compile_seconds`, in gpu_hours.json or cpu_hours.json).
 """
 from __future__ import annotations
 

@@ -14,9 +14,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from engine.train.errors import EXIT_NON_FINITE
+
 
 class NonFiniteError(RuntimeError):
     """Training stopped: too many consecutive steps with non-finite losses or gradients."""
+
+    exit_code = EXIT_NON_FINITE
 
 
 def grads_nonfinite(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:

@@ -1,40 +1,43 @@
-"""Run logs: per-step CSV, TensorBoard (if installed), and GPU-hours used / projected.
+"""Run logs: per-step CSV, TensorBoard (if installed), and device-hours used / projected (gpu_hours.json
+on a GPU, cpu_hours.json on a CPU).
 
-A fresh run starts its logs anew (an older run's steps.csv and tb/ in the same folder, left by a run
-killed before its first checkpoint, are removed); a resumed run keeps the rows up to the checkpoint's
-step and drops the ones after it (they are trained again), so steps.csv holds each step once.
+A fresh run starts its logs in a folder without another run's files (run_dir sets them aside); a
+resumed run keeps the valid rows up to the checkpoint's step and drops the ones after it (they are
+trained again) and damaged ones (a warning names the file), so steps.csv holds each step once.
 """
 from __future__ import annotations
 
 import csv
 import json
-import shutil
+import logging
 import time
 from pathlib import Path
 
+log = logging.getLogger("engine.train")
+
+
+def hours_file_name(device_label: str) -> str:
+    """The device-hours report's file name: named for the kind of device the run used."""
+    return "cpu_hours.json" if device_label == "cpu" else "gpu_hours.json"
+
 
 class RunLogger:
-    """Writes <out>/steps.csv, <out>/tb/ and <out>/gpu_hours.json (rank 0 only)."""
+    """Writes <out>/steps.csv, <out>/tb/ and <out>/<gpu|cpu>_hours.json (rank 0 only)."""
 
-    FIELDS = ("step", "epoch", "phase", "lr", "beta", "loss_max", "loss_subnets", "skipped", "images_per_s",
+    FIELDS = ("step", "epoch", "phase", "lr", "epsilon", "loss_max", "loss_subnets", "skipped", "images_per_s",
               "seconds")
-    # what a run writes into its folder besides checkpoint.pt and config.json
-    RUN_FILES = ("steps.csv", "gpu_hours.json", "summary.json", "pareto.csv", "pareto.png", "ddp_check.json")
 
     def __init__(self, out_dir: str | Path, enabled: bool, devices: int, device_label: str,
                  resume_step: int | None = None) -> None:
         self.out, self.enabled, self.devices, self.device_label = Path(out_dir), enabled, devices, device_label
+        self.hours_file = self.out / hours_file_name(device_label)
         self.step_seconds: dict[str, list[float]] = {}
         self._tb = None
         if not enabled:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / "steps.csv"
-        if resume_step is None:
-            for name in self.RUN_FILES:
-                (self.out / name).unlink(missing_ok=True)
-            shutil.rmtree(self.out / "tb", ignore_errors=True)
-        else:
+        if resume_step is not None:
             self._truncate(path, resume_step)
         new = not path.exists()
         self._csv_file = open(path, "a", newline="")
@@ -50,15 +53,21 @@ class RunLogger:
             self._tb = None
 
     def _truncate(self, path: Path, step: int) -> None:
-        """Keep the header and the rows of steps <= `step` (the checkpoint's)."""
+        """Rewrite steps.csv with the header and the valid rows of steps <= `step` (the checkpoint's);
+        damaged rows (a torn write, stray bytes) are dropped with a warning naming the file."""
         if not path.exists():
             return
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = [r for r in csv.reader(path.read_text(errors="replace").replace("\0", "").splitlines()) if r]
+        if rows and tuple(rows[0]) == self.FIELDS:
+            rows = rows[1:]
+        valid = [r for r in rows if _valid_row(r, len(self.FIELDS))]
+        if len(valid) < len(rows):
+            log.warning("%s: %d damaged rows dropped, the file rebuilt from its %d valid rows", path,
+                        len(rows) - len(valid), len(valid))
         with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.FIELDS)
-            writer.writeheader()
-            writer.writerows({k: r.get(k, "") for k in self.FIELDS} for r in rows if int(r["step"]) <= step)
+            writer = csv.writer(f)
+            writer.writerow(self.FIELDS)
+            writer.writerows(r for r in valid if int(r[0]) <= step)
 
     def log_step(self, row: dict) -> None:
         if not row.get("compiled"):                 # a step that compiled a graph says nothing of step time
@@ -67,7 +76,7 @@ class RunLogger:
             return
         self._csv.writerow({k: row[k] for k in self.FIELDS})
         if self._tb is not None:
-            for k in ("lr", "beta", "loss_max", "loss_subnets", "images_per_s"):
+            for k in ("lr", "epsilon", "loss_max", "loss_subnets", "images_per_s"):
                 self._tb.add_scalar(f"train/{k}", row[k], row["step"])
 
     def flush(self) -> None:
@@ -91,7 +100,7 @@ class RunLogger:
 
     def write_hours(self, report: dict) -> None:
         if self.enabled:
-            (self.out / "gpu_hours.json").write_text(json.dumps(report, indent=2))
+            self.hours_file.write_text(json.dumps(report, indent=2))
 
     def log_eval(self, name: str, value: float, step: int) -> None:
         if self.enabled and self._tb is not None:
@@ -102,6 +111,17 @@ class RunLogger:
             self._csv_file.close()
             if self._tb is not None:
                 self._tb.close()
+
+
+def _valid_row(row: list[str], width: int) -> bool:
+    """A steps.csv row as RunLogger writes it: step and epoch integers, a phase, then numbers."""
+    if len(row) != width or not row[0].isdigit() or not row[1].isdigit() or not row[2]:
+        return False
+    try:
+        [float(v) for v in row[3:]]
+    except ValueError:
+        return False
+    return True
 
 
 class Timer:

@@ -73,4 +73,3 @@ def subnet_epsilon(step: int, steps_per_epoch: int, plan: Plan, multiplier: floa
     return effective / lr_t if lr_t > 0 else 0.0
 
 
-subnet_beta = subnet_epsilon     # the name trainer.py imports until it is renamed there

@@ -20,6 +20,7 @@ from typing import Iterator, Sequence
 import torch
 
 from engine.elastic import dispatch
+from engine.train.errors import BadInput
 from engine.tune import runner
 from engine.tune.signatures import Settings, Signature, enumerate_signatures, settings_from_config
 from engine.tune.table import Table, TableError, broadcast, default_path, new_table, read, read_or_none, write
@@ -136,7 +137,7 @@ def prepare_for_training(cfg, model, device: torch.device, rank: int, world: int
     signatures it lacks, on rank 0, broadcast to every rank and installed; returns it (None: the
     reference everywhere). ValueError (exit 2) on every rank when --tune PATH is not a readable file."""
     if cfg.tune not in ("off", "auto") and not (Path(cfg.tune).is_file() and os.access(cfg.tune, os.R_OK)):
-        raise ValueError(f"--tune {cfg.tune!r}: not a readable file")
+        raise BadInput(f"--tune {cfg.tune!r}: not a readable file")
     table = None
     if rank == 0:
         table = _load_or_tune(cfg, model, device)
