@@ -21,7 +21,7 @@ import torch
 from engine.train.errors import BadInput, WriteFailed
 
 log = logging.getLogger("engine.train")
-FORMAT = 2            # 1: no integrity record (accepted with a warning, not verified)
+FORMAT = 2            # the integrity record's format
 
 
 class CheckpointError(BadInput):
@@ -99,8 +99,8 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a checkpoint of this engine (no 'model'/'arch' entries)")
     integrity = state.pop("integrity", None)
     if integrity is None:
-        log.warning("checkpoint %s has no integrity record (format 1, an older engine): not verified", path)
-    elif not isinstance(integrity, dict) or integrity.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} has no integrity record: not written by this engine, or damaged")
+    if not isinstance(integrity, dict) or integrity.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} has an unknown integrity record {str(integrity)[:80]}; this "
                               f"engine reads format {FORMAT}")
     elif digest(state) != integrity.get("sha256"):

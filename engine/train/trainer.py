@@ -276,7 +276,8 @@ class Training:
         checkpoint.check_arch(state, path, self.model.spec.to_dict())
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        for group in self.optimizer.param_groups:       # a checkpoint of an older engine may say fused=False
+        for group in self.optimizer.param_groups:       # loading replaces the groups' flags: keep the fused
+                                                        # update, which takes the guard's found_inf
             group["fused"], group["foreach"] = True, None
         _momentum_buffers(self.optimizer)
         if self.scaler is not None and state.get("scaler"):
