@@ -9,7 +9,6 @@ silently wrong weights.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import random
 from pathlib import Path
@@ -20,7 +19,6 @@ import torch
 
 from engine.train.errors import BadInput, WriteFailed
 
-log = logging.getLogger("engine.train")
 FORMAT = 2            # the integrity record's format
 
 
