@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.train import trainer
+from engine.train import checkpoint, trainer
 from engine.train.__main__ import main
 from engine.train.config import TrainConfig, _parser
 from engine.train.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NON_FINITE, EXIT_OK
@@ -83,6 +83,11 @@ def test_damaged_checkpoint_is_refused(tmp_path, caplog):
         assert _run(out, "--resume", "--max-steps", "6") == EXIT_BAD_INPUT
     assert f"checkpoint {path} is damaged" in caplog.text
     assert path.read_bytes() == damaged                               # left as it was
+
+    del good["integrity"]                                             # a file without the record: refused
+    torch.save(good, path)
+    with pytest.raises(checkpoint.CheckpointError, match="no integrity record"):
+        checkpoint.read(path)
 
 
 @pytest.mark.parametrize("flags,message", [
