@@ -8,7 +8,7 @@ import pytest
 from engine.train import checkpoint, trainer
 from engine.train.__main__ import main
 from engine.train.config import _parser
-from engine.train.errors import EXIT_INTERRUPTED, EXIT_OK
+from engine.errors import EXIT_INTERRUPTED, EXIT_OK
 from engine.train.periodic import Cadence, parse_cadence
 from test_train import TINY
 

@@ -16,7 +16,7 @@ import torch
 from engine.train import checkpoint, trainer
 from engine.train.__main__ import main
 from engine.train.config import TrainConfig, _parser
-from engine.train.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NON_FINITE, EXIT_OK
+from engine.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NON_FINITE, EXIT_OK
 from helpers import make_jpeg_tree
 
 TINY = ["--resolution", "8", "--batch-size", "128", "--kernel-sizes", "3", "5", "--expand-ratios", "3", "4",

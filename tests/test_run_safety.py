@@ -16,7 +16,7 @@ import torch
 
 from engine.train import checkpoint, run_dir, trainer
 from engine.train.__main__ import main
-from engine.train.errors import EXIT_BAD_INPUT, EXIT_DATA_FAILED, EXIT_OK, EXIT_WRITE_FAILED
+from engine.errors import EXIT_BAD_INPUT, EXIT_DATA_FAILED, EXIT_OK, EXIT_WRITE_FAILED
 from helpers import make_jpeg_tree
 from test_reliability import TINY
 
@@ -142,7 +142,7 @@ def test_file_size_limit_during_a_checkpoint_write(tmp_path):
             "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n"
             "import torch\n"
             "from engine.train.checkpoint import save_atomic\n"
-            "from engine.train.errors import WriteFailed\n"
+            "from engine.errors import WriteFailed\n"
             "try:\n"
             f"    save_atomic({{'model': {{'w': torch.zeros(100_000)}}, 'arch': {{}}}}, {str(tmp_path / 'c.pt')!r})\n"
             "except WriteFailed as err:\n"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.train.__main__ import main
-from engine.train.errors import EXIT_INTERRUPTED
+from engine.errors import EXIT_INTERRUPTED
 from helpers import ranks_env
 
 # a small supernet and 8-px inputs keep each run to seconds on a CPU

@@ -110,6 +110,16 @@ def test_keys_tell_apart_what_runs_differently():
     assert len(seen) == len(set(seen)) == 6, seen
 
 
+def test_a_forced_backend_tunes_nothing_and_installs_no_table(injected, monkeypatch):
+    """--backend torch|triton|cuda uses no table: no tuning (no child, no timing) before such a run."""
+    monkeypatch.setattr(tune, "can_tune", lambda device: True)          # as on a GPU
+    tune.set_timer("tune_helpers:torch_wins")
+    dispatch.install({"x": "triton"})
+    cfg = parse_config(RUN + ["--out", str(injected / "run"), "--backend", "torch"])
+    assert tune.prepare_for_training(cfg, OFAMobileNetV3(TINY.spec), torch.device("cpu")) is None
+    assert CALLS == [] and dispatch.installed() is None
+
+
 def test_a_winner_must_beat_the_reference_by_the_margin():
     assert tune.choose_entry({"torch": 1.0, "triton": 0.98}) == "torch"            # 2 % faster: not enough
     assert tune.choose_entry({"torch": 1.0, "triton": 0.96, "cuda": 0.9}) == "cuda"
@@ -170,14 +180,15 @@ def test_a_corrupt_or_foreign_table_is_one_warning_and_the_reference(injected, c
     foreign = tables.Table("NVIDIA H200" if content == "device" else "cpu",
                            {**tables.versions(), "torch": "0"}, entries={"x": {"choice": "triton", "ms": {}}})
     path.write_text(content if content.startswith("{") else json.dumps(foreign.to_json()))
-    cfg = SimpleNamespace(tune=str(path))
+    cfg = SimpleNamespace(tune=str(path), backend="auto")
     with caplog.at_level(logging.WARNING, logger="engine.tune"):
-        assert tune.prepare_for_training(cfg, None, torch.device("cpu"), 0, 1) is None
+        assert tune.prepare_for_training(cfg, None, torch.device("cpu")) is None
     assert len(caplog.records) == 1 and "reference" in caplog.text and dispatch.installed() is None
     with pytest.raises(ValueError, match="--tune .*no such dispatch table file"):         # before any data is read
         parse_config(["--tune", str(injected / "missing.json")])
     with pytest.raises(ValueError, match="not a readable file"):
-        tune.prepare_for_training(SimpleNamespace(tune=str(injected / "missing.json")), None, torch.device("cpu"), 0, 1)
+        tune.prepare_for_training(SimpleNamespace(tune=str(injected / "missing.json"), backend="auto"), None,
+                                  torch.device("cpu"))
 
 
 def test_cli_on_cpu_writes_a_reference_table_and_info_reads_it(injected, capsys):

@@ -48,7 +48,7 @@ def tune_on_rank(rank: int, init: str, cache: str, result: str) -> None:
     spec = SupernetSpec(variant="cifar", width_mult=0.25, kernel_sizes=(3,), expand_ratios=(3,), depths=(1,))
     cfg = SimpleNamespace(tune="auto", method="deps", epochs=2, teacher_epochs=1, warmup_epochs=0.5,
                           sampler="random", batch_size=2, resolution=8, amp=False, channels_last=False,
-                          sandwich="auto", subnets=2, progress=False)
-    tune.prepare_for_training(cfg, SimpleNamespace(spec=spec), torch.device("cpu"), rank, 2)
+                          sandwich="sequential", subnets=2, progress=False, backend="auto")
+    tune.prepare_for_training(cfg, SimpleNamespace(spec=spec), torch.device("cpu"))
     Path(result + str(rank)).write_text(json.dumps(dispatch.installed()))
     torch.distributed.destroy_process_group()

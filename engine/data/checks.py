@@ -4,8 +4,8 @@ Every file gets a structural check (magic bytes; a JPEG or PNG cut short has no 
 KB; with `jpeg_only`, for DALI's decoder, anything but JPEG is refused); with `decode` (--skip-corrupt)
 every file is also decoded. Files are checked on `workers` threads. The result is cached per folder
 contents (engine.data.index fingerprint, so any added, removed or rewritten file invalidates it) in
-memory and in $ENGINE_DATA_CACHE (default ~/.cache/engine/data-checks/): a restarted or resumed job
-does not read the tree again.
+memory and in $ENGINE_DATA_CACHE (default $ENGINE_CACHE_DIR/data-checks/, the cache dir defaulting to
+~/.cache/engine): a restarted or resumed job does not read the tree again.
 """
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def problem(path: str, jpeg_only: bool = False, decode: bool = False) -> str | N
 
 
 def _cache_file(key: str) -> Path:
-    base = os.environ.get("ENGINE_DATA_CACHE") or Path.home() / ".cache" / "engine" / "data-checks"
+    base = os.environ.get("ENGINE_DATA_CACHE") or Path(os.environ.get("ENGINE_CACHE_DIR") or
+                                                       Path.home() / ".cache" / "engine") / "data-checks"
     return Path(base) / f"{key}.json"
 
 

@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 
 from engine.data.loader import load_data
+from engine.errors import BadInput
 from engine.eval.evaluate import top1
 from engine.search.accuracy import MeasuredAccuracy, RidgePredictor, config_key, features, fit_report
 from engine.search.costs import FlopTable, LatencyMeter, LatencyTable
@@ -44,7 +45,7 @@ from engine.search.evolution import SearchSpace, evolve, sample_within
 from engine.search.export import export_subnet
 from engine.search.heldout import SearchImages, search_images
 from engine.search.report import write_front
-from engine.search.settings import BadInput, check, parser
+from engine.search.settings import check, parser
 from engine.supernet import OFAMobileNetV3, SupernetSpec
 from engine.train import checkpoint
 
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         run(parser(__doc__).parse_args(argv))
-    except (BadInput, FileNotFoundError, checkpoint.CheckpointError) as err:
+    except (BadInput, FileNotFoundError) as err:      # CheckpointError is a BadInput
         log.error("%s", err)
         return 2
     return 0

@@ -107,7 +107,7 @@ class LatencyTable:
     (JSON: "blocks": per block [[k, e, ms], ...], "fixed_ms", and the spec and resolution it was made for)."""
 
     def __init__(self, table: dict, spec: dict, resolution: int, depth: int) -> None:
-        from engine.search.settings import BadInput
+        from engine.errors import BadInput
 
         if table.get("spec") != spec or table.get("resolution") != resolution:
             raise BadInput(f"--latency-table: made for {table.get('resolution')} px and spec {table.get('spec')}, "

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Subset
 from engine.data import datasets
 from engine.data.loader import Data
 from engine.data.transforms import val_transform
-from engine.search.settings import BadInput
+from engine.errors import BadInput
 
 IMAGENET_HELDOUT = 10_000       # OFA's held-out subset of the ImageNet training split
 

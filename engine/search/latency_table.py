@@ -22,7 +22,8 @@ import torch
 
 from engine.search.costs import add_up, block_costs, model_device, time_ms
 from engine.search.evolution import SearchSpace
-from engine.search.settings import BadInput, device as parse_device, new_file
+from engine.errors import BadInput
+from engine.search.settings import device as parse_device, new_file
 from engine.supernet.mobilenetv3 import OFAMobileNetV3
 
 log = logging.getLogger("engine.search")

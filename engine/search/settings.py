@@ -11,9 +11,7 @@ from pathlib import Path
 
 import torch
 
-
-class BadInput(ValueError):
-    """A setting, file or dataset the search cannot use (one line; exit code 2)."""
+from engine.errors import BadInput
 
 
 def parser(description: str) -> argparse.ArgumentParser:

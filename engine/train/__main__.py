@@ -5,7 +5,7 @@ import logging
 import sys
 
 from engine.train.config import parse_config
-from engine.train.errors import EXIT_INTERRUPTED, EXIT_OK, BadInput, DataFailed, WriteFailed
+from engine.errors import EXIT_INTERRUPTED, EXIT_OK, BadInput, DataFailed, WriteFailed
 from engine.train.guard import NonFiniteError
 from engine.train.trainer import run
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.train.errors import BadInput, WriteFailed
+from engine.errors import BadInput, WriteFailed
 
 FORMAT = 2            # the integrity record's format
 

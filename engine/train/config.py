@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 from engine.data.loader import DATASETS, default_workers
 from engine.train.distributed import launched_by_torchrun
-from engine.train.errors import EXIT_CODES, BadInput
+from engine.errors import EXIT_CODES, BadInput
 from engine.train.periodic import parse_cadence
 from engine.train.schedule import METHODS, make_plan
 

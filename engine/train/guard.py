@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine.train.errors import EXIT_NON_FINITE
+from engine.errors import EXIT_NON_FINITE
 
 
 class NonFiniteError(RuntimeError):

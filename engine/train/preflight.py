@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.train.errors import BadInput
+from engine.errors import BadInput
 
 log = logging.getLogger("engine.train")
 

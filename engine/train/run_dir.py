@@ -19,7 +19,7 @@ import socket
 import time
 from pathlib import Path
 
-from engine.train.errors import BadInput
+from engine.errors import BadInput
 
 log = logging.getLogger("engine.train")
 LOCK_NAME = ".lock"

@@ -27,7 +27,7 @@ from engine.train.compile import Compiler, eager
 from engine.train.config import TrainConfig, validate
 from engine.train.checkpoint import write_error_cause
 from engine.train.distributed import any_rank, from_rank0, init_distributed, kill_for_test, ranks_agree, together
-from engine.train.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, BadInput, DataFailed, WriteFailed
+from engine.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, BadInput, DataFailed, WriteFailed
 from engine.train.guard import NonFiniteError, NonFiniteGuard, repair_running_stats
 from engine.train.logger import RunLogger, Timer
 from engine.train.periodic import Periodic, parse_cadence
@@ -309,7 +309,7 @@ class Training:
         self.max_cfg = arch.max_config(model.spec, model.n_stages)
         self.summary["skipped_corrupt_files"] = len(self.data.skipped)
         self.check_grads = self.scaler is None   # with fp16, overflowing gradients are the scaler's business
-        tune.prepare_for_training(cfg, model, self.device, self.rank, self.world)   # the same table on every rank
+        tune.prepare_for_training(cfg, model, self.device)   # rank 0's table, the same on every rank
         self.periodic, self.stopping = Periodic(parse_cadence(cfg.checkpoint_every)), False
         self.stop = _Stop()
         if self.rank == 0:

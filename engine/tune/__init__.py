@@ -20,10 +20,11 @@ from typing import Iterator, Sequence
 import torch
 
 from engine.elastic import dispatch
-from engine.train.errors import BadInput
+from engine.errors import BadInput
+from engine.train.distributed import from_rank0
 from engine.tune import runner
 from engine.tune.signatures import Settings, Signature, enumerate_signatures, settings_from_config
-from engine.tune.table import Table, TableError, broadcast, default_path, new_table, read, read_or_none, write
+from engine.tune.table import Table, TableError, default_path, new_table, read, read_or_none, write
 
 log = logging.getLogger("engine.tune")
 MARGIN = 0.03
@@ -132,16 +133,15 @@ def _complete(settings: Sequence[Settings], device: torch.device, out: Path, pro
     return table
 
 
-def prepare_for_training(cfg, model, device: torch.device, rank: int, world: int) -> Table | None:
+def prepare_for_training(cfg, model, device: torch.device) -> Table | None:
     """Before step 0: the run's dispatch table (`cfg.tune`: off | auto | PATH) loaded, or tuned for the
     signatures it lacks, on rank 0, broadcast to every rank and installed; returns it (None: the
-    reference everywhere). ValueError (exit 2) on every rank when --tune PATH is not a readable file."""
+    reference everywhere; so with a forced --backend, which uses no table). BadInput (exit 2) on every
+    rank when --tune PATH is not a readable file; any error of rank 0's is raised on every rank (no rank
+    is left waiting in the broadcast)."""
     if cfg.tune not in ("off", "auto") and not (Path(cfg.tune).is_file() and os.access(cfg.tune, os.R_OK)):
         raise BadInput(f"--tune {cfg.tune!r}: not a readable file")
-    table = None
-    if rank == 0:
-        table = _load_or_tune(cfg, model, device)
-    table = broadcast(table, rank, world)
+    table = None if cfg.backend != "auto" else from_rank0(lambda: _load_or_tune(cfg, model, device))
     dispatch.install(table.choices() if table is not None else None)
     return table
 

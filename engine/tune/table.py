@@ -99,8 +99,11 @@ def read(path: Path, device: torch.device) -> Table:
                          f"not {mine.device} {mine.versions}")
     entries = {k: v for k, v in data["entries"].items()
                if isinstance(v, dict) and isinstance(v.get("choice"), str) and isinstance(v.get("ms"), dict)}
-    return Table(mine.device, mine.versions, list(data.get("settings", [])), list(data.get("notes", [])),
-                 float(data.get("seconds", 0.0)), entries)
+    try:
+        return Table(mine.device, mine.versions, list(data.get("settings", [])), list(data.get("notes", [])),
+                     float(data.get("seconds", 0.0)), entries)
+    except (TypeError, ValueError) as err:          # valid JSON, malformed fields
+        raise TableError(f"dispatch table {path} is malformed ({err})") from None
 
 
 def read_or_none(path: Path, device: torch.device) -> Table | None:
@@ -122,11 +125,3 @@ def write(table: Table, path: Path) -> None:
     tmp.write_text(json.dumps(table.to_json(), indent=1, sort_keys=True))
     tmp.replace(path)
 
-
-def broadcast(table: Table | None, rank: int, world: int) -> Table | None:
-    """Rank 0's table on every rank (torch.distributed; a no-op for one process)."""
-    if world <= 1 or not torch.distributed.is_initialized():
-        return table
-    box = [table if rank == 0 else None]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
