@@ -73,6 +73,6 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
         "export": ["onnx", "onnxscript", "onnxruntime"],
-        "test": ["pytest", "onnx", "onnxscript", "onnxruntime"],
+        "test": ["pytest", "pytest-timeout", "onnx", "onnxscript", "onnxruntime"],
     },
 )

@@ -12,6 +12,7 @@ worker processes / wall seconds, over the timed epochs.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -115,12 +116,17 @@ def main(argv=None) -> int:
             tv = torch.utils.data.DataLoader(datasets.SeededDataset(data, train_transform(kind, res)),
                                              batch_size=args.batch, shuffle=True, drop_last=True,
                                              num_workers=args.workers, persistent_workers=args.workers > 0)
-            dl = DaliLoader(data, args.batch, True, kind, res, device_id=device_id,
-                            num_threads=max(1, args.workers))
             row = {"data": name, "resolution": res, "images": len(data),
                    "dali_device": "gpu (mixed decoder)" if device_id is not None else "cpu"}
             row["torchvision_img_s"], row["torchvision_cpu_cores"] = rate(tv, args.epochs, device)
+            del tv
+            dl = DaliLoader(data, args.batch, True, kind, res, device_id=device_id,
+                            num_threads=max(1, args.workers))
             row["dali_img_s"], row["dali_cpu_cores"] = rate(dl, args.epochs, device)
+            # a DALI pipeline left to the garbage collector would be collected inside the next forked
+            # DataLoader worker, where its shutdown (external-source threads) never returns
+            del dl
+            gc.collect()
             row["dali_vs_torchvision"] = row["dali_img_s"] / row["torchvision_img_s"]
             rows.append(row)
             progress(f"{name:18s} torchvision ({args.workers} workers) {row['torchvision_img_s']:9.1f} img/s "
