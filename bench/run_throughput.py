@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import Budget, environment, progress, write_json  # noqa: E402
 from bench.ofa_reference import OFAReference  # noqa: E402
+from engine.tune import install_table  # noqa: E402
 from engine.elastic import use_backend  # noqa: E402
 from engine.supernet import ofa_mobilenetv3  # noqa: E402
 from engine.train.batched import BatchedSandwich, batched_step  # noqa: E402
@@ -237,19 +238,6 @@ def table(rows: list[dict], variants: list[str]) -> list[str]:
     return lines
 
 
-def install_table(tune: str, device: torch.device) -> str:
-    """Install the dispatch table `tune` names (a path, 'auto': this device's cached table if any, 'off');
-    returns what was installed, for the JSON. A table the tuner would refuse (other device or versions,
-    corrupt) is a warning and the reference, as in training."""
-    from engine.elastic import dispatch
-    from engine.tune.table import default_path, read_or_none
-
-    path = default_path(device) if tune == "auto" else None if tune == "off" else Path(tune)
-    table = read_or_none(path, device) if path is not None else None
-    dispatch.install(table.choices() if table is not None else None)
-    return f"{path} ({len(table.entries)} signatures)" if table is not None else "none: the reference everywhere"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -281,7 +269,7 @@ def main(argv=None) -> int:
     args.amp = device.type == "cuda" if args.amp is None else args.amp
     budget = Budget(args.max_seconds)
     env = environment(device)
-    env["dispatch_table"] = install_table(args.tune, device)
+    env["dispatch_table"] = install_table(args.tune, device)      # engine.tune
     label = "GPU" if device.type == "cuda" else "CPU (not comparable with GPU figures)"
     rows: list[dict] = []
     payload = {"env": env, "args": vars(args), "rows": rows, "paper": PAPER,

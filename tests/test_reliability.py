@@ -66,6 +66,19 @@ def test_divergence_after_a_checkpoint_keeps_the_last_good_one(tmp_path, monkeyp
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+def test_resume_with_another_number_of_processes_is_refused(tmp_path, caplog):
+    """The learning rate, steps per epoch and data shards depend on the world size: a checkpoint written by
+    2 processes does not resume in 1."""
+    out = tmp_path / "run"
+    assert _run(out, "--max-steps", "3") == EXIT_OK
+    state = checkpoint.read(out / "checkpoint.pt")
+    assert state["world"] == 1
+    checkpoint.save_atomic({**state, "world": 2}, out / "checkpoint.pt")
+    with caplog.at_level(logging.ERROR):
+        assert _run(out, "--resume", "--max-steps", "6") == EXIT_BAD_INPUT
+    assert "written by a run of 2 processes, this one has 1" in caplog.text
+
+
 def test_damaged_checkpoint_is_refused(tmp_path, caplog):
     """4 KiB of random bytes inside the tensor data: torch.load still reads the file, the checksum does not match."""
     out = tmp_path / "run"

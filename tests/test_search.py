@@ -13,6 +13,7 @@ from engine.search.evolution import SearchSpace, evolve
 from engine.search.export import load_subnet
 from engine.supernet import arch, ofa_mobilenetv3
 from engine.train.__main__ import main as train_main
+from engine.tune.table import new_table, write as write_table
 
 SMALL = ["--population", "6", "--generations", "3", "--calib-images", "64", "--eval-images", "128",
          "--compare-random", "6", "--no-progress"]
@@ -87,12 +88,15 @@ def test_search_end_to_end_two_budgets_heldout_fitness_and_exports(run, caplog):
     half = _halfway(run)
     budgets = [round(half * 0.8, 3), round(half, 3)]
     out = run / "search"
+    table = run / "dispatch.json"                      # the search runs on the table it is given
+    write_table(new_table(torch.device("cpu")), table)
     with caplog.at_level(logging.INFO):
         assert main(["--checkpoint", str(run / "checkpoint.pt"), "--max-mflops", ",".join(map(str, budgets)),
-                     "--out", str(out), *SMALL, "--compare-random", "12", "--heldout-images", "600"]) == 0
+                     "--out", str(out), *SMALL, "--compare-random", "12", "--heldout-images", "600",
+                     "--tune", str(table)]) == 0
     assert not [r for r in caplog.records if not r.name.startswith("engine")], "third-party log lines"
     summary = json.loads((out / "search.json").read_text())
-    assert summary["data"]["heldout_images"] == 600
+    assert summary["data"]["heldout_images"] == 600 and summary["dispatch_table"].startswith(str(table))
     assert summary["data"]["val_images"] == 128 and summary["data"]["calib_images"] == 64
     assert [e["budget"] for e in summary["budgets"]] == budgets
     for entry in summary["budgets"]:
@@ -144,7 +148,8 @@ def test_search_is_deterministic_with_the_predictor(run):
 BAD = {"below": "below the min net", "above": "above the max net", "arch": "not an OFA-MobileNetV3",
        "data": "moved holds no CIFAR", "settings": "--population 1", "device": "--device foo",
        "eval_images": "--eval-images 0", "out_file": "is a file, not a folder", "out_full": "not empty",
-       "out_locked": "is not writable", "budget_list": "expected numbers", "heldout": "exceed the"}
+       "out_locked": "is not writable", "budget_list": "expected numbers", "heldout": "exceed the",
+       "tune": "no such dispatch table file"}
 
 
 @pytest.mark.parametrize("what", sorted(BAD))
@@ -172,7 +177,7 @@ def test_bad_input_is_a_one_line_error_before_any_work(run, tmp_path, caplog, mo
         save_atomic(state, tmp_path / "other.pt")
         argv[1] = str(tmp_path / "other.pt")
     argv += {"settings": ["--population", "1"], "device": ["--device", "foo"], "eval_images": ["--eval-images", "0"],
-             "heldout": ["--heldout-images", "100000"]}.get(what, [])
+             "heldout": ["--heldout-images", "100000"], "tune": ["--tune", str(tmp_path / "none.json")]}.get(what, [])
     with caplog.at_level(logging.ERROR):
         assert main(argv) == 2
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]

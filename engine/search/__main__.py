@@ -47,6 +47,7 @@ from engine.search.heldout import SearchImages, search_images
 from engine.search.report import write_front
 from engine.search.settings import check, parser
 from engine.supernet import OFAMobileNetV3, SupernetSpec
+from engine.tune import install_table
 from engine.train import checkpoint
 
 log = logging.getLogger("engine.search")
@@ -63,6 +64,7 @@ class Setup:
     measured: MeasuredAccuracy
     low: float                       # the min and max nets' costs
     high: float
+    dispatch_table: str              # what engine.tune.install_table installed
 
 
 def load_supernet(path: str) -> tuple[OFAMobileNetV3, dict]:
@@ -110,7 +112,7 @@ def setup(args: argparse.Namespace) -> Setup:
         raise BadInput(f"budget {args.budgets[-1]:g} {unit} is at or above the max net's {high:.4g}: the max net "
                        "fits, nothing to search")
     measured = MeasuredAccuracy(model, images.calib, images.heldout, device)
-    return Setup(model, images, space, cost, unit, measured, low, high)
+    return Setup(model, images, space, cost, unit, measured, low, high, install_table(args.tune, device))
 
 
 def fitness(args: argparse.Namespace, s: Setup, summary: dict) -> Callable[[dict], float]:
@@ -186,7 +188,7 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     log.warning("the held-out images are training images the supernet was trained on (python -m engine.train "
                 "holds none out): held-out top-1 ranks subnets without touching val, but reads high")
-    summary: dict = {"checkpoint": str(args.checkpoint), "unit": s.unit, "min_net_cost": s.low,
+    summary: dict = {"checkpoint": str(args.checkpoint), "dispatch_table": s.dispatch_table, "unit": s.unit, "min_net_cost": s.low,
                      "max_net_cost": s.high, "data": {**s.images.sizes, "heldout_seen_in_training": True},
                      "settings": {k: v for k, v in vars(args).items() if k not in ("table", "torch_device")}}
     score = fitness(args, s, summary)

@@ -55,6 +55,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset folder (default: the one the run was trained on)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device for the accuracy measurements (default: cuda if available, else cpu)")
+    p.add_argument("--tune", default="auto", help="dispatch table (python -m engine.tune) for backend auto: auto "
+                                                  "(this device's cached table, if any), off, or a table file")
     p.add_argument("--out", help="output folder, new or empty (default: <checkpoint folder>/search-<budgets>)")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split, the search and the random "
                                                        "subnets (default: 0)")
@@ -127,6 +129,8 @@ def check(args: argparse.Namespace) -> None:
             run(args)
         except BadInput as err:
             problems.append(str(err))
+    if args.tune not in ("auto", "off") and not Path(args.tune).is_file():
+        problems.append(f"--tune {args.tune!r}: no such dispatch table file (or auto, off)")
     if problems:
         raise BadInput("invalid settings: " + "; ".join(problems))
 

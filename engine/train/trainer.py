@@ -210,9 +210,23 @@ class Training:
         self.resume_state = checkpoint.read(self.resume_path) if self.resume_path is not None else None
         if self.resume_state is not None:
             _check_same_settings(cfg, self.resume_state, self.resume_path)
+        together(self._check_resume)
         self.step, self.saved_step = 0, None           # saved: the step of the last good checkpoint in --out
         self.summary: dict = {"interrupted": False}
         self.run_id = from_rank0(self._claim_out)
+
+    def _check_resume(self) -> None:
+        """Every rank resumes from rank 0's step, and with as many processes as wrote the checkpoint (the
+        learning rate, steps per epoch and data shards depend on it): BadInput otherwise."""
+        step = self.resume_state["step"] if self.resume_state is not None else None
+        first = from_rank0(lambda: step)
+        if step != first:
+            raise BadInput(f"rank {self.rank} would resume from {step if step is not None else 'nothing'} and rank 0 "
+                           f"from step {first}: every node must see the same --out (shared storage)")
+        written = (self.resume_state or {}).get("world", self.world)
+        if written != self.world:
+            raise BadInput(f"{self.resume_path} was written by a run of {written} processes, this one has "
+                           f"{self.world}: resume with as many (the learning rate and data order depend on it)")
 
     def _claim_out(self) -> str:
         """Rank 0: create and lock --out, check it, set aside another run's files; returns the run id."""
@@ -405,6 +419,8 @@ class Training:
         model.set_max_net()
         if self.saved_step != self.step:
             self.save()
+        # a signal that reached some rank after the last agreed step: agreed now, before evaluating
+        self.stopping = any_rank([self.stopping or self.stop.requested], self.device)[0]
         if self.stopping:               # SIGTERM/SIGINT: exit at once with the checkpoint, no evaluation
             return
         # subnets' forwards also move the shared running statistics: re-calibrate for the max net
@@ -448,7 +464,7 @@ class Training:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "rng": checkpoint.rng_state(), "step": self.step, "epoch": self.step // self.spe,
                 "reorganized": self.reorganized, "elapsed_seconds": self._elapsed(), "config": self.cfg.to_dict(),
-                "arch": self.model.spec.to_dict(), "run_id": self.run_id}, self.ckpt_path)
+                "arch": self.model.spec.to_dict(), "run_id": self.run_id, "world": self.world}, self.ckpt_path)
         except WriteFailed as err:
             raise WriteFailed(f"{err} at step {self.step}; {self.last_good()}") from err
 

@@ -146,6 +146,17 @@ def prepare_for_training(cfg, model, device: torch.device) -> Table | None:
     return table
 
 
+def install_table(tune: str, device: torch.device) -> str:
+    """Install, without tuning, the dispatch table `tune` names (a path; 'auto': this device's cached
+    table if there is one; 'off'), for the benchmarks and the search; returns what was installed, for
+    their reports. A table for another device or versions, or a corrupt one, is a warning and the
+    reference, as in training."""
+    path = default_path(device) if tune == "auto" else None if tune == "off" else Path(tune)
+    table = read_or_none(path, device) if path is not None else None
+    dispatch.install(table.choices() if table is not None else None)
+    return f"{path} ({len(table.entries)} signatures)" if table is not None else "none: the reference everywhere"
+
+
 def _load_or_tune(cfg, model, device: torch.device) -> Table | None:
     if cfg.tune == "off":
         log.info("--tune off: the reference implementations everywhere")
@@ -170,5 +181,5 @@ def _load_or_tune(cfg, model, device: torch.device) -> Table | None:
     return table
 
 
-__all__ = ["MARGIN", "Settings", "Signature", "Table", "can_tune", "choose_entry", "enumerate_signatures",
+__all__ = ["install_table", "MARGIN", "Settings", "Signature", "Table", "can_tune", "choose_entry", "enumerate_signatures",
            "prepare_for_training", "set_timer", "settings_from_config", "tune"]
