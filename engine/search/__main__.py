@@ -88,7 +88,7 @@ def setup(args: argparse.Namespace) -> Setup:
     workers = run_cfg.get("workers", 0) if args.workers is None else args.workers
     try:
         data = load_data(run_cfg["dataset"], args.data or run_cfg.get("data"), run_cfg["resolution"], run_cfg["seed"],
-                         skip_corrupt=skip, workers=max(workers, 1))
+                         skip_corrupt=skip, jpeg_only=run_cfg.get("dali", False), workers=max(workers, 4))
     except ValueError as err:
         raise BadInput(str(err)) from err
     images = search_images(data, args.heldout_images, args.calib_images, args.eval_images, args.batch_size, workers,
