@@ -185,9 +185,12 @@ def test_bad_input_is_a_one_line_error_before_any_work(run, tmp_path, caplog, mo
     assert what == "out_full" or not out.exists()
 
 
-def test_latency_budget_timed_and_from_a_table(run, tmp_path):
+def test_latency_budget_timed_and_from_a_table(run, tmp_path, monkeypatch):
     """--max-latency-ms: latencies of the exported subnets timed on the CPU (cached per config), or predicted
-    from a table written by python -m engine.search.latency_table (refused for another run's spec)."""
+    from a table written by python -m engine.search.latency_table (refused for another run's spec).
+    The search itself runs on a deterministic stand-in clock (milliseconds = parameters / 10^4): a budget
+    halfway between two timings on a shared 2-core machine fell above a later timing of the max net."""
+    from engine.search import costs
     from engine.search.costs import LatencyMeter
     from engine.search.latency_table import main as table_main
     from engine.supernet import SupernetSpec
@@ -199,6 +202,9 @@ def test_latency_budget_timed_and_from_a_table(run, tmp_path):
     space = SearchSpace(model.spec, model.n_stages)
     low, high = meter(space.smallest()), meter(space.largest())
     assert 0 < low < high and meter(space.smallest()) == low                  # cached
+    monkeypatch.setattr(costs, "time_ms", lambda net, x, *a: sum(p.numel() for p in net.parameters()) / 1e4)
+    meter = LatencyMeter(model, 8, torch.device("cpu"))
+    low, high = meter(space.smallest()), meter(space.largest())
     tiny = [*SMALL, "--population", "4", "--generations", "2", "--compare-random", "2"]
     assert main(["--checkpoint", str(run / "checkpoint.pt"), "--max-latency-ms", f"{(low + high) / 2:.4f}",
                  "--out", str(tmp_path / "timed"), *tiny]) == 0

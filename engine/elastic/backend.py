@@ -65,7 +65,8 @@ def _version(pkg: str) -> str:
 
 
 def set_backend(name: str) -> None:
-    """Select the backend for all elastic layers ("auto", "torch", "triton", "cuda")."""
+    """Select the backend for all elastic layers ("auto", "torch", "triton", "cuda"). Each selection
+    announces, once per op and reason, the calls its backend does not cover."""
     global _requested
     if name not in _CHOICES:
         raise ValueError(f"unknown backend {name!r}; expected one of {_CHOICES}")
@@ -74,6 +75,7 @@ def set_backend(name: str) -> None:
         if not ok:
             raise RuntimeError(f"backend {name!r} is not available: {why}")
     _requested = name
+    _warned.clear()
 
 
 def get_backend() -> str:
