@@ -62,8 +62,9 @@ def main() -> int:
     if any(r is None for r in rows):
         return 2
     record = {"note": "search target on the digits run: searched held-out top-1 >= best of random subnets at the "
-                      "midpoint budget, per seed; held-out = a seeded tenth of the TRAIN split, BN re-calibrated on "
-                      "other train images; val top-1 of the chosen subnet measured once, reported apart",
+                      "midpoint budget, per seed; held-out = the training images the run held out of training (a "
+                      "seeded tenth), BN re-calibrated on other train images; val top-1 of the chosen subnet "
+                      "measured once, reported apart",
               "checkpoint": args.checkpoint, "budget_mflops": budget, "min_net_mflops": table(space.smallest()) / 1e6,
               "max_net_mflops": table(space.largest()) / 1e6, "seeds": rows,
               "target_met_all_seeds": all(r["target_met"] for r in rows), "env": environment(torch.device("cpu"))}

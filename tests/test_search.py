@@ -21,12 +21,16 @@ SMALL = ["--population", "6", "--generations", "3", "--calib-images", "64", "--e
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A digits supernet trained for one epoch at 8 px (the shapes of the default run, small)."""
+    """A digits supernet trained for one epoch at 8 px (the shapes of the default run, small), 600 of the
+    training images held out of training."""
     out = tmp_path_factory.mktemp("digits")
-    assert train_main(["--resolution", "8", "--batch-size", "128", "--kernel-sizes", "3", "5", "--expand-ratios",
+    assert train_main(["--resolution", "8", "--batch-size", "128", "--heldout-images", "600", "--kernel-sizes", "3",
+                       "5", "--expand-ratios",
                        "3", "4", "--depths", "2", "3", "--epochs", "2", "--teacher-epochs", "1",
                        "--warmup-epochs", "0.5", "--subnets", "3", "--max-steps", "11", "--no-progress",
                        "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["images"] == {"train": 1438 - 600, "val": 359,
+                                                                        "heldout": 600}
     return out
 
 
@@ -83,7 +87,7 @@ def test_search_end_to_end_two_budgets_heldout_fitness_and_exports(run, caplog):
 
     And the search can fail: at the midpoint budget the searched subnet's held-out top-1 must be at least
     the median of 12 random subnets', at a budget where their spread (std) is wider than the held-out
-    measurement's own noise (binomial standard error at the median on the 600 held-out images): both
+    measurement's own noise (binomial standard error at the median on the 600 images the run held out): both
     printed (-s)."""
     half = _halfway(run)
     budgets = [round(half * 0.8, 3), round(half, 3)]
@@ -92,11 +96,11 @@ def test_search_end_to_end_two_budgets_heldout_fitness_and_exports(run, caplog):
     write_table(new_table(torch.device("cpu")), table)
     with caplog.at_level(logging.INFO):
         assert main(["--checkpoint", str(run / "checkpoint.pt"), "--max-mflops", ",".join(map(str, budgets)),
-                     "--out", str(out), *SMALL, "--compare-random", "12", "--heldout-images", "600",
-                     "--tune", str(table)]) == 0
+                     "--out", str(out), *SMALL, "--compare-random", "12", "--tune", str(table)]) == 0
     assert not [r for r in caplog.records if not r.name.startswith("engine")], "third-party log lines"
     summary = json.loads((out / "search.json").read_text())
-    assert summary["data"]["heldout_images"] == 600 and summary["dispatch_table"].startswith(str(table))
+    assert summary["data"]["heldout_images"] == 600 and not summary["data"]["heldout_seen_in_training"]
+    assert summary["data"]["train_split"] == 1438 - 600 and summary["dispatch_table"].startswith(str(table))
     assert summary["data"]["val_images"] == 128 and summary["data"]["calib_images"] == 64
     assert [e["budget"] for e in summary["budgets"]] == budgets
     for entry in summary["budgets"]:
@@ -122,14 +126,12 @@ def test_search_end_to_end_two_budgets_heldout_fitness_and_exports(run, caplog):
     assert held >= base["median_top1"]
 
 
-def test_heldout_split_is_seeded_disjoint_and_a_tenth_by_default():
-    from engine.data.loader import load_data
-    from engine.search.heldout import default_heldout, split_train
+def test_search_split_of_a_run_that_held_none_out_is_seeded_and_disjoint():
+    from engine.search.heldout import split_train
 
     held, calib = split_train(1000, 100, 50, seed=3)
     assert (held, calib) == split_train(1000, 100, 50, seed=3) and held != split_train(1000, 100, 50, seed=4)[0]
     assert len(set(held) | set(calib)) == 150 and max(held + calib) < 1000
-    assert default_heldout(load_data("digits", None, 8, 0)) == 1438 // 10
 
 
 def test_search_is_deterministic_with_the_predictor(run):
@@ -148,7 +150,7 @@ def test_search_is_deterministic_with_the_predictor(run):
 BAD = {"below": "below the min net", "above": "above the max net", "arch": "not an OFA-MobileNetV3",
        "data": "moved holds no CIFAR", "settings": "--population 1", "device": "--device foo",
        "eval_images": "--eval-images 0", "out_file": "is a file, not a folder", "out_full": "not empty",
-       "out_locked": "is not writable", "budget_list": "expected numbers", "heldout": "exceed the",
+       "out_locked": "is not writable", "budget_list": "expected numbers", "heldout": "exceeds the 600",
        "tune": "no such dispatch table file"}
 
 

@@ -58,6 +58,10 @@ class ArrayDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return torch.from_numpy(self.images[index]).permute(2, 0, 1), int(self.labels[index])
 
+    def subset(self, indices: list[int]) -> "ArrayDataset":
+        """The rows `indices`, as a dataset of their own."""
+        return ArrayDataset(self.images[indices], self.labels[indices], self.classes)
+
 
 def digits(resolution: int = 32, val_fraction: float = 0.2) -> tuple[ArrayDataset, ArrayDataset]:
     """scikit-learn's handwritten digits (1,797 real 8x8 scans, 10 classes) upscaled to
@@ -160,6 +164,12 @@ class ImageFolderDataset(Dataset):
         if not kept.samples:
             raise ValueError(f"no readable {'JPEG ' if jpeg_only else ''}images under {self.root}")
         return kept, list(bad)
+
+    def subset(self, indices: list[int]) -> "ImageFolderDataset":
+        """The samples `indices` (the same tree, classes and checks), as a dataset of their own."""
+        part = copy.copy(self)
+        part.samples = [self.samples[i] for i in indices]
+        return part
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         from torchvision.io import ImageReadMode, decode_image, read_file

@@ -10,7 +10,7 @@ from typing import Callable, TypeVar
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from engine.data import datasets, sharding
+from engine.data import datasets, heldout, sharding
 from engine.data.index import scan
 from engine.data.transforms import train_transform, val_transform
 
@@ -29,11 +29,13 @@ class Data:
     kind: str            # transform family: "digits", "cifar" or "imagenet"
     resolution: int
     skipped: list[str] = field(default_factory=list)     # image files left out by skip_corrupt
+    heldout: datasets.SeededDataset | None = None        # training images never trained on (val transform)
 
 
 def load_data(dataset: str, path: str | None, resolution: int, seed: int, auto_augment: bool = False,
               random_erase: float = 0.0, skip_corrupt: bool = False, jpeg_only: bool = False,
-              workers: int = 8, share: Callable[[Callable[[], T]], T] | None = None, progress: bool = False) -> Data:
+              workers: int = 8, share: Callable[[Callable[[], T]], T] | None = None, progress: bool = False,
+              heldout_images: int | None = 0) -> Data:
     """dataset: "digits" (built in, no path), "cifar10"/"cifar100" (python batches in `path`),
     "imagenet" (ImageFolder trees `path`/train and `path`/val of JPEGs).
 
@@ -42,7 +44,8 @@ def load_data(dataset: str, path: str | None, resolution: int, seed: int, auto_a
     a ValueError naming it, or with `skip_corrupt` every file is also decoded and the bad ones are left
     out of both splits, so training, BN calibration and evaluation all see the same files.
     `share(fn)`: runs fn once per job and gives every rank its result (engine.train.distributed.from_rank0);
-    by default fn runs here."""
+    by default fn runs here. `heldout_images` training images (None: engine.data.heldout's default) are
+    held out of `train` under `seed` (engine.data.heldout), into `heldout`."""
     skipped: list[str] = []
     if dataset == "digits":
         if path:
@@ -66,9 +69,12 @@ def load_data(dataset: str, path: str | None, resolution: int, seed: int, auto_a
                         " or non-JPEG" if jpeg_only else "", skipped[0])
     else:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+    count = heldout.default_count(kind, len(train)) if heldout_images is None else heldout_images
+    train, held = heldout.split(train, count, seed) if count else (train, None)
     return Data(datasets.SeededDataset(train, train_transform(kind, resolution, auto_augment, random_erase), seed),
                 datasets.SeededDataset(val, val_transform(kind, resolution), seed),
-                len(train.classes), kind, resolution, skipped)
+                len(train.classes), kind, resolution, skipped,
+                None if held is None else datasets.SeededDataset(held, val_transform(kind, resolution), seed))
 
 
 def _checked_trees(root: Path, jpeg_only: bool, skip_corrupt: bool, workers: int, progress: bool) -> list[tuple]:

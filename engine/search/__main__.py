@@ -88,7 +88,8 @@ def setup(args: argparse.Namespace) -> Setup:
     workers = run_cfg.get("workers", 0) if args.workers is None else args.workers
     try:
         data = load_data(run_cfg["dataset"], args.data or run_cfg.get("data"), run_cfg["resolution"], run_cfg["seed"],
-                         skip_corrupt=skip, jpeg_only=run_cfg.get("dali", False), workers=max(workers, 4))
+                         skip_corrupt=skip, jpeg_only=run_cfg.get("dali", False), workers=max(workers, 4),
+                         heldout_images=run_cfg.get("heldout_images", 0))
     except ValueError as err:
         raise BadInput(str(err)) from err
     images = search_images(data, args.heldout_images, args.calib_images, args.eval_images, args.batch_size, workers,
@@ -186,10 +187,12 @@ def run(args: argparse.Namespace) -> dict:
     check(args)
     s = setup(args)
     out = Path(args.out)
-    log.warning("the held-out images are training images the supernet was trained on (python -m engine.train "
-                "holds none out): held-out top-1 ranks subnets without touching val, but reads high")
-    summary: dict = {"checkpoint": str(args.checkpoint), "dispatch_table": s.dispatch_table, "unit": s.unit, "min_net_cost": s.low,
-                     "max_net_cost": s.high, "data": {**s.images.sizes, "heldout_seen_in_training": True},
+    if s.images.sizes["heldout_seen_in_training"]:
+        log.warning("the run held no training images out (python -m engine.train --heldout-images 0, or an older "
+                    "run): the held-out images are ones the supernet was trained on; held-out top-1 ranks subnets "
+                    "without touching val, but reads high")
+    summary: dict = {"checkpoint": str(args.checkpoint), "dispatch_table": s.dispatch_table, "unit": s.unit,
+                     "min_net_cost": s.low, "max_net_cost": s.high, "data": s.images.sizes,
                      "settings": {k: v for k, v in vars(args).items() if k not in ("table", "torch_device")}}
     score = fitness(args, s, summary)
     t0 = time.perf_counter()

@@ -1,6 +1,8 @@
-"""The search's images: a seeded held-out subset of the training split scores subnets, other training
-images re-calibrate BN, and the validation split is read only for the chosen subnets (once each), so the
-reported val top-1 is not the figure the search selected on.
+"""The search's images: held-out training images score subnets, other training images re-calibrate BN,
+and the validation split is read only for the chosen subnets (once each), so the reported val top-1 is
+not the figure the search selected on. The held-out images are the ones the run never trained on
+(engine.data.heldout, `python -m engine.train --heldout-images`); for a run that held none out, a seeded
+subset of its training split, which the supernet has seen (said in the summary).
 
 Everything streams: a loader yields CPU batches and `OnDevice` moves one batch at a time to the device,
 so host and device memory stay bounded by a few batches whatever the split size.
@@ -15,12 +17,10 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from engine.data import datasets
+from engine.data.heldout import default_count
 from engine.data.loader import Data
 from engine.data.transforms import val_transform
 from engine.errors import BadInput
-
-IMAGENET_HELDOUT = 10_000       # OFA's held-out subset of the ImageNet training split
-
 
 class OnDevice:
     """Re-iterable: each (images, labels) batch of `loader` (a DataLoader, or any re-iterable of CPU
@@ -47,11 +47,6 @@ class SearchImages:
     sizes: dict[str, int]
 
 
-def default_heldout(data: Data) -> int:
-    """OFA's default: 10,000 training images for ImageNet, a tenth of the training split otherwise."""
-    return IMAGENET_HELDOUT if data.kind == "imagenet" else max(1, len(data.train) // 10)
-
-
 def split_train(n_train: int, heldout: int, calib: int, seed: int) -> tuple[list[int], list[int]]:
     """Disjoint (held-out, calibration) index lists drawn by a `seed`ed permutation of the training split;
     BadInput when they do not fit in it."""
@@ -63,10 +58,18 @@ def split_train(n_train: int, heldout: int, calib: int, seed: int) -> tuple[list
 
 def search_images(data: Data, heldout: int | None, calib: int, val: int | None, batch_size: int, workers: int,
                   seed: int, device: torch.device) -> SearchImages:
-    """The three streams of the search (see the module docstring); `None` counts take the defaults."""
-    heldout = default_heldout(data) if heldout is None else heldout
-    held_idx, calib_idx = split_train(len(data.train), heldout, calib, seed)
-    scored = datasets.SeededDataset(data.train.base, val_transform(data.kind, data.resolution), data.train.seed)
+    """The three streams of the search (see the module docstring); `None` counts take the defaults: all
+    the images the run held out, else engine.data.heldout's default."""
+    if data.heldout is not None:
+        if heldout is not None and heldout > len(data.heldout):
+            raise BadInput(f"--heldout-images {heldout} exceeds the {len(data.heldout)} training images the run "
+                           "held out (python -m engine.train --heldout-images)")
+        scored, held_idx = data.heldout, range(len(data.heldout) if heldout is None else heldout)
+        calib_idx = split_train(len(data.train), 0, calib, seed)[1]
+    else:
+        heldout = default_count(data.kind, len(data.train)) if heldout is None else heldout
+        held_idx, calib_idx = split_train(len(data.train), heldout, calib, seed)
+        scored = datasets.SeededDataset(data.train.base, val_transform(data.kind, data.resolution), data.train.seed)
     data.train.set_epoch(0)
     val_idx = range(min(val, len(data.val)) if val is not None else len(data.val))
 
@@ -78,4 +81,5 @@ def search_images(data: Data, heldout: int | None, calib: int, val: int | None, 
                         OnDevice(loader(data.train, calib_idx), device, images_only=True),
                         OnDevice(loader(data.val, val_idx), device),
                         {"heldout_images": len(held_idx), "calib_images": len(calib_idx), "val_images": len(val_idx),
-                         "train_split": len(data.train), "val_split": len(data.val)})
+                         "train_split": len(data.train), "val_split": len(data.val),
+                         "heldout_seen_in_training": data.heldout is None})

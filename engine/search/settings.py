@@ -42,8 +42,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--compare-random", type=int, default=50, help="random subnets per budget measured for "
                                                                   "comparison (default: 50; 0: none)")
     p.add_argument("--heldout-images", type=int, default=None,
-                   help="training images held out to score subnets (seeded subset; default: 10,000 for ImageNet, "
-                        "a tenth of the training split otherwise)")
+                   help="held-out training images scoring subnets (default: all the run held out, python -m "
+                        "engine.train --heldout-images; for a run that held none out, a seeded subset of its "
+                        "training split: 10,000 for ImageNet, a tenth otherwise)")
     p.add_argument("--calib-images", type=int, default=256, help="other training images for BN re-calibration per "
                                                                  "subnet (default: 256)")
     p.add_argument("--eval-images", type=int, default=None, help="validation images for the chosen subnets' val "
@@ -58,8 +59,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--tune", default="auto", help="dispatch table (python -m engine.tune) for backend auto: auto "
                                                   "(this device's cached table, if any), off, or a table file")
     p.add_argument("--out", help="output folder, new or empty (default: <checkpoint folder>/search-<budgets>)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split, the search and the random "
-                                                       "subnets (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration images (and the held-out "
+                                                       "ones of a run that held none out), the search and the "
+                                                       "random subnets (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

@@ -58,6 +58,9 @@ class TrainConfig:
                             "bf16 autocast on a CPU too)")
     channels_last: bool = _opt(False, "channels-last memory format for the model and images")
     dali: bool = _opt(False, "DALI data pipeline (GPU decoding; CPU operators without a GPU)")
+    heldout_images: int | None = _opt(None, "training images never trained on, kept for the search's fitness "
+                                            "(python -m engine.search): a seeded set, as OFA does (default: "
+                                            "10,000 for imagenet, a tenth of the training split otherwise; 0: none)")
     skip_corrupt: bool = _opt(False, "verify every image file up front and leave out unreadable ones (and, with "
                                      "--dali, non-JPEG ones) from training, BN calibration and evaluation")
     sandwich: str = _opt("sequential", "sequential or batched (all K subnets in one pass)")
@@ -278,6 +281,9 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
         need(isinstance(getattr(cfg, name), int) and getattr(cfg, name) >= 1, name, "must be an integer >= 1")
     for name in ("eval_subnets", "workers"):
         need(isinstance(getattr(cfg, name), int) and getattr(cfg, name) >= 0, name, "must be an integer >= 0")
+    if cfg.heldout_images is not None:
+        need(isinstance(cfg.heldout_images, int) and cfg.heldout_images >= 0, "heldout_images",
+             "must be an integer >= 0")
     if cfg.max_steps is not None:
         need(isinstance(cfg.max_steps, int) and cfg.max_steps >= 1, "max_steps", "must be an integer >= 1")
     need(isinstance(cfg.seed, int) and 0 <= cfg.seed < 2 ** 32, "seed", "must be an integer in [0, 2^32)")

@@ -260,7 +260,8 @@ class Training:
         try:             # the data's errors before any step are bad input
             self.data = load_data(cfg.dataset, cfg.data, cfg.resolution, cfg.seed, cfg.auto_augment,
                                   cfg.random_erase, cfg.skip_corrupt, jpeg_only=cfg.dali, workers=max(cfg.workers, 4),
-                                  share=from_rank0, progress=cfg.progress and self.rank == 0)
+                                  share=from_rank0, progress=cfg.progress and self.rank == 0,
+                                  heldout_images=cfg.heldout_images)
             self.monitor_calib = calibration_batches(self.data, min(cfg.calib_images, 512), 256, self.device,
                                                      cfg.channels_last)
         except (ValueError, OSError) as err:
@@ -322,6 +323,8 @@ class Training:
         self.run_start = time.perf_counter()
         self.max_cfg = arch.max_config(model.spec, model.n_stages)
         self.summary["skipped_corrupt_files"] = len(self.data.skipped)
+        self.summary["images"] = {"train": len(self.data.train), "val": len(self.data.val),
+                                  "heldout": 0 if self.data.heldout is None else len(self.data.heldout)}
         self.check_grads = self.scaler is None   # with fp16, overflowing gradients are the scaler's business
         tune.prepare_for_training(cfg, model, self.device)   # rank 0's table, the same on every rank
         self.periodic, self.stopping = Periodic(parse_cadence(cfg.checkpoint_every)), False

@@ -1,0 +1,54 @@
+"""Training images held out of training (engine.data.heldout): seeded, exact in count, disjoint from what
+training reads, independent of listing order, and recorded in the run for the search."""
+import random
+
+import numpy as np
+import pytest
+
+from engine.data import heldout
+from engine.data.datasets import ArrayDataset, ImageFolderDataset
+from engine.data.loader import load_data
+from engine.errors import BadInput
+from tests.helpers import make_jpeg_tree
+
+
+def test_digits_split_is_seeded_exact_and_disjoint():
+    full = load_data("digits", None, 8, 0)
+    data = load_data("digits", None, 8, 0, heldout_images=None)           # the default: a tenth
+    assert len(data.heldout) == 1438 // 10 and len(data.train) + len(data.heldout) == len(full.train) == 1438
+    rows = {r.tobytes() for r in full.train.base.images}
+    train_rows = [r.tobytes() for r in data.train.base.images]
+    held_rows = [r.tobytes() for r in data.heldout.base.images]
+    assert set(train_rows) | set(held_rows) <= rows
+    # digits holds a few duplicate scans: compare as multisets of (image, label) rows
+    pairs = sorted(zip([r.tobytes() for r in full.train.base.images], full.train.base.labels.tolist()))
+    assert sorted(zip(train_rows + held_rows, data.train.base.labels.tolist() + data.heldout.base.labels.tolist())) \
+        == pairs
+    again = load_data("digits", None, 8, 0, heldout_images=None)
+    assert np.array_equal(again.heldout.base.images, data.heldout.base.images)
+    other = load_data("digits", None, 8, 1, heldout_images=None)
+    assert not np.array_equal(other.heldout.base.images, data.heldout.base.images)
+    assert load_data("digits", None, 8, 0, heldout_images=0).heldout is None
+    image, label = data.heldout[0]                                        # evaluation transform: deterministic
+    assert image.shape == (3, 8, 8) and (image == data.heldout[0][0]).all() and 0 <= label < 10
+
+
+def test_count_out_of_range_is_bad_input():
+    base = ArrayDataset(np.zeros((5, 2, 2, 3), np.uint8), np.arange(5), ["a"])
+    for count in (5, 6, -1):
+        with pytest.raises(BadInput, match=f"--heldout-images {count} must be in"):
+            heldout.split(base, count, 0)
+    assert len(heldout.split(base, 4, 0)[0]) == 1
+
+
+def test_imagefolder_set_ignores_listing_order_and_a_dropped_file(tmp_path):
+    make_jpeg_tree(tmp_path, classes=3, per_class=20)
+    tree = ImageFolderDataset(tmp_path)
+    held = {p for p, _ in heldout.split(tree, 12, 7)[1].samples}
+    shuffled = tree.subset(random.Random(0).sample(range(len(tree)), len(tree)))
+    assert {p for p, _ in heldout.split(shuffled, 12, 7)[1].samples} == held
+    dropped = tree.subset([i for i, (p, _) in enumerate(tree.samples) if p != sorted(held)[0]])
+    assert len(held - {p for p, _ in heldout.split(dropped, 12, 7)[1].samples}) == 1
+    kept, out = heldout.split(tree, 12, 7)
+    assert {p for p, _ in kept.samples}.isdisjoint(held) and len(kept) + len(out) == len(tree)
+    assert type(kept) is ImageFolderDataset and kept.root == tree.root
