@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import tempfile
 import time
@@ -54,7 +55,8 @@ def main() -> int:
     model, run_cfg = load_supernet(args.checkpoint)
     table, space = FlopTable(model, run_cfg["resolution"]), SearchSpace(model.spec, model.n_stages)
     budget = round((table(space.smallest()) + table(space.largest())) / 2e6, 2)
-    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(len(args.seeds)) as pool:   # one seed each
+    spawn = multiprocessing.get_context("spawn")      # a fork after torch's threads ran can deadlock the child
+    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(len(args.seeds), mp_context=spawn) as pool:
         argv = ["--checkpoint", args.checkpoint, "--max-mflops", str(budget), "--compare-random", str(args.random),
                 "--generations", str(args.generations), "--calib-images", str(args.calib_images), "--device", "cpu",
                 "--no-progress"]

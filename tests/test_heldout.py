@@ -52,3 +52,26 @@ def test_imagefolder_set_ignores_listing_order_and_a_dropped_file(tmp_path):
     kept, out = heldout.split(tree, 12, 7)
     assert {p for p, _ in kept.samples}.isdisjoint(held) and len(kept) + len(out) == len(tree)
     assert type(kept) is ImageFolderDataset and kept.root == tree.root
+
+
+def test_search_scores_on_what_the_run_held_out():
+    """The search's held-out stream is the run's held-out set (fewer: a seeded sample over it, not its first
+    rows), and asking for more than the run held out is bad input."""
+    import torch
+
+    from engine.search.heldout import search_images
+
+    data = load_data("digits", None, 8, 0, heldout_images=None)
+    cpu = torch.device("cpu")
+    every = search_images(data, None, 16, 10, 500, 0, 0, cpu)
+    assert every.sizes["heldout_images"] == len(data.heldout) and not every.sizes["heldout_seen_in_training"]
+    images, labels = next(iter(every.heldout))
+    assert torch.equal(labels, torch.tensor(data.heldout.base.labels))
+    few = search_images(data, 30, 16, 10, 500, 0, 3, cpu)
+    _, few_labels = next(iter(few.heldout))
+    assert len(few_labels) == 30 and len(set(few_labels.tolist())) >= 5       # spread over the classes
+    assert few_labels.tolist() != data.heldout.base.labels[:30].tolist()
+    with pytest.raises(BadInput, match="exceeds the 143 training images the run held out"):
+        search_images(data, 144, 16, 10, 500, 0, 0, cpu)
+    seen = search_images(load_data("digits", None, 8, 0), None, 16, 10, 500, 0, 0, cpu)
+    assert seen.sizes["heldout_seen_in_training"] and seen.sizes["heldout_images"] == 1438 // 10

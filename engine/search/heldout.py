@@ -22,6 +22,7 @@ from engine.data.loader import Data
 from engine.data.transforms import val_transform
 from engine.errors import BadInput
 
+
 class OnDevice:
     """Re-iterable: each (images, labels) batch of `loader` (a DataLoader, or any re-iterable of CPU
     batches) moved to `device` (images channels-last) when it is reached; with `images_only`, the images
@@ -64,7 +65,8 @@ def search_images(data: Data, heldout: int | None, calib: int, val: int | None, 
         if heldout is not None and heldout > len(data.heldout):
             raise BadInput(f"--heldout-images {heldout} exceeds the {len(data.heldout)} training images the run "
                            "held out (python -m engine.train --heldout-images)")
-        scored, held_idx = data.heldout, range(len(data.heldout) if heldout is None else heldout)
+        scored, everything = data.heldout, range(len(data.heldout))   # fewer: a seeded sample, every class
+        held_idx = everything if heldout is None else sorted(random.Random(seed).sample(everything, heldout))
         calib_idx = split_train(len(data.train), 0, calib, seed)[1]
     else:
         heldout = default_count(data.kind, len(data.train)) if heldout is None else heldout
