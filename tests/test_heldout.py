@@ -9,7 +9,7 @@ from engine.data import heldout
 from engine.data.datasets import ArrayDataset, ImageFolderDataset
 from engine.data.loader import load_data
 from engine.errors import BadInput
-from tests.helpers import make_jpeg_tree
+from helpers import make_jpeg_tree
 
 
 def test_digits_split_is_seeded_exact_and_disjoint():
@@ -75,3 +75,26 @@ def test_search_scores_on_what_the_run_held_out():
         search_images(data, 144, 16, 10, 500, 0, 0, cpu)
     seen = search_images(load_data("digits", None, 8, 0), None, 16, 10, 500, 0, 0, cpu)
     assert seen.sizes["heldout_seen_in_training"] and seen.sizes["heldout_images"] == 1438 // 10
+
+
+def test_dali_streams_match_the_torchvision_ones_and_restart_each_pass():
+    """With the run's DALI loader the search reads the same held-out and val images in the same order as
+    with torchvision's (the digits are stored at the resolution: resizing is the identity), each pass
+    through a new pipeline, so a pass cut short (the export check takes one batch) leaves the next whole."""
+    pytest.importorskip("nvidia.dali")
+    import torch
+
+    from engine.search.heldout import search_images
+
+    data = load_data("digits", None, 8, 0, heldout_images=None)
+    cpu = torch.device("cpu")
+    ref, dali = (search_images(data, None, 16, 40, 32, 1, 0, cpu, dali=d) for d in (False, True))
+    assert dali.sizes == {**ref.sizes, "loader": "dali"} and len(dali.heldout) == len(ref.heldout) == 5
+    for a, b in ((ref.heldout, dali.heldout), (ref.val, dali.val)):
+        (xa, ya), (xb, yb) = (tuple(torch.cat(t) for t in zip(*s)) for s in (a, b))
+        assert torch.equal(ya, yb) and xb.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(xb, xa, rtol=0, atol=1e-5)
+    next(iter(dali.heldout))                                              # a pass cut short
+    assert sum(len(y) for _, y in dali.heldout) == len(data.heldout)
+    calib = torch.cat(list(dali.calib))
+    assert calib.shape == (16, 3, 8, 8) and torch.equal(calib, torch.cat(list(dali.calib)))   # the same each pass

@@ -187,6 +187,21 @@ def test_bad_input_is_a_one_line_error_before_any_work(run, tmp_path, caplog, mo
     assert what == "out_full" or not out.exists()
 
 
+def test_search_through_dali(run, tmp_path, monkeypatch):
+    """--dali: the search's images through DALI pipelines (the CPU operators here); without DALI, exit 2."""
+    pytest.importorskip("nvidia.dali")
+    import engine.search.__main__ as search_main
+
+    tiny = [*SMALL, "--population", "4", "--generations", "1", "--compare-random", "2", "--dali"]
+    budget = f"{_halfway(run):.4f}"
+    assert main(["--checkpoint", str(run / "checkpoint.pt"), "--max-mflops", budget, "--out", str(tmp_path / "a"),
+                 *tiny]) == 0
+    assert json.loads((tmp_path / "a" / "search.json").read_text())["data"]["loader"] == "dali"
+    monkeypatch.setattr(search_main, "dali_available", lambda: (False, "nvidia-dali is not installed"))
+    assert main(["--checkpoint", str(run / "checkpoint.pt"), "--max-mflops", budget, "--out", str(tmp_path / "b"),
+                 *tiny]) == 2
+
+
 def test_latency_budget_timed_and_from_a_table(run, tmp_path, monkeypatch):
     """--max-latency-ms: latencies of the exported subnets timed on the CPU (cached per config), or predicted
     from a table written by python -m engine.search.latency_table (refused for another run's spec).

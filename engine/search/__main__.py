@@ -36,6 +36,7 @@ from typing import Callable
 
 import torch
 
+from engine.data.dali import dali_available
 from engine.data.loader import load_data
 from engine.errors import BadInput
 from engine.eval.evaluate import top1
@@ -86,14 +87,17 @@ def setup(args: argparse.Namespace) -> Setup:
     device = args.torch_device
     skip = run_cfg.get("skip_corrupt", False) if args.skip_corrupt is None else args.skip_corrupt
     workers = run_cfg.get("workers", 0) if args.workers is None else args.workers
+    dali = run_cfg.get("dali", False) if args.dali is None else args.dali
+    if dali and not dali_available()[0]:
+        raise BadInput(f"--dali (the run's loader unless --no-dali): {dali_available()[1]}")
     try:
         data = load_data(run_cfg["dataset"], args.data or run_cfg.get("data"), run_cfg["resolution"], run_cfg["seed"],
-                         skip_corrupt=skip, jpeg_only=run_cfg.get("dali", False), workers=max(workers, 4),
+                         skip_corrupt=skip, jpeg_only=dali, workers=max(workers, 4),
                          heldout_images=run_cfg.get("heldout_images", 0))
     except ValueError as err:
         raise BadInput(str(err)) from err
     images = search_images(data, args.heldout_images, args.calib_images, args.eval_images, args.batch_size, workers,
-                           args.seed, device)
+                           args.seed, device, dali)
     model = model.to(device, memory_format=torch.channels_last)
     space = SearchSpace(model.spec, model.n_stages)
     if args.max_mflops is not None:

@@ -4,8 +4,12 @@ not the figure the search selected on. The held-out images are the ones the run 
 (engine.data.heldout, `python -m engine.train --heldout-images`); for a run that held none out, a seeded
 subset of its training split, which the supernet has seen (said in the summary).
 
-Everything streams: a loader yields CPU batches and `OnDevice` moves one batch at a time to the device,
-so host and device memory stay bounded by a few batches whatever the split size.
+Everything streams: a loader yields batches and `OnDevice` moves one batch at a time to the device, so
+host and device memory stay bounded by a few batches whatever the split size. The loader is the run's:
+torchvision's, or with `dali` a DALI evaluation pipeline per pass (engine.data.dali; built anew for each
+pass, so a pass cut short leaves nothing behind for the next). DALI re-calibrates BN on centre-cropped
+training images: its training pipeline would draw new crops for every subnet, the torchvision path's
+fixed epoch-0 crops have no DALI counterpart.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from engine.data import datasets
+from engine.data.dali import DaliLoader
+from engine.data.datasets import ArrayDataset, ImageFolderDataset
 from engine.data.heldout import default_count
 from engine.data.loader import Data
 from engine.data.transforms import val_transform
@@ -43,9 +49,9 @@ class OnDevice:
 @dataclass
 class SearchImages:
     heldout: OnDevice                 # (images, labels) scoring every subnet: train images, val transform
-    calib: OnDevice                   # images re-calibrating BN: other train images, train transform
+    calib: OnDevice                   # images re-calibrating BN: other train images (DALI: centre-cropped)
     val: OnDevice                     # (images, labels) of the validation split, for the chosen subnets
-    sizes: dict[str, int]
+    sizes: dict[str, int | bool | str]    # image counts, whether the held-out ones were trained on, loader
 
 
 def split_train(n_train: int, heldout: int, calib: int, seed: int) -> tuple[list[int], list[int]]:
@@ -57,8 +63,26 @@ def split_train(n_train: int, heldout: int, calib: int, seed: int) -> tuple[list
     return sorted(order[:heldout]), sorted(order[heldout:heldout + calib])
 
 
+class DaliPasses:
+    """Re-iterable: each pass over `dataset` (an in-memory or ImageFolder dataset) through a new DALI
+    evaluation pipeline on `device`: (images channels-last, labels) batches."""
+
+    def __init__(self, dataset: ArrayDataset | ImageFolderDataset, kind: str, resolution: int, batch_size: int,
+                 threads: int, device: torch.device) -> None:
+        self.args = dict(dataset=dataset, batch_size=batch_size, train=False, kind=kind, resolution=resolution,
+                         num_threads=threads, device_id=None if device.type != "cuda" else
+                         device.index if device.index is not None else torch.cuda.current_device())
+        self.batches = -(-len(dataset) // batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        yield from DaliLoader(**self.args)
+
+    def __len__(self) -> int:
+        return self.batches
+
+
 def search_images(data: Data, heldout: int | None, calib: int, val: int | None, batch_size: int, workers: int,
-                  seed: int, device: torch.device) -> SearchImages:
+                  seed: int, device: torch.device, dali: bool = False) -> SearchImages:
     """The three streams of the search (see the module docstring); `None` counts take the defaults: all
     the images the run held out, else engine.data.heldout's default."""
     if data.heldout is not None:
@@ -75,7 +99,10 @@ def search_images(data: Data, heldout: int | None, calib: int, val: int | None, 
     data.train.set_epoch(0)
     val_idx = range(min(val, len(data.val)) if val is not None else len(data.val))
 
-    def loader(dataset, indices: Iterable[int]) -> DataLoader:
+    def loader(dataset: datasets.SeededDataset, indices: Iterable[int]) -> Iterable:
+        if dali:
+            return DaliPasses(dataset.base.subset(list(indices)), data.kind, data.resolution, batch_size,
+                              max(workers, 1), device)
         return DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, num_workers=workers,
                           pin_memory=device.type == "cuda")
 
@@ -84,4 +111,4 @@ def search_images(data: Data, heldout: int | None, calib: int, val: int | None, 
                         OnDevice(loader(data.val, val_idx), device),
                         {"heldout_images": len(held_idx), "calib_images": len(calib_idx), "val_images": len(val_idx),
                          "train_split": len(data.train), "val_split": len(data.val),
-                         "heldout_seen_in_training": data.heldout is None})
+                         "heldout_seen_in_training": data.heldout is None, "loader": "dali" if dali else "torchvision"})
