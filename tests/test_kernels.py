@@ -215,6 +215,7 @@ def test_backend_switch_falls_back_and_errors(caplog):
     if not backend.availability("cuda")[0]:
         with pytest.raises(RuntimeError, match="not available"):
             set_backend("cuda")
+    set_backend("torch")                      # a change of backend announces its fallbacks again
     set_backend("triton")
     conv = ElasticConv2d(4, 4, kernel_size=3).to(DEVICE)
     with caplog.at_level("WARNING", logger="engine.backend"):

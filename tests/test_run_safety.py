@@ -229,7 +229,7 @@ def test_data_that_cannot_train_exits_2_before_any_step(tmp_path, caplog, case, 
         flags = ["--dataset", "cifar10", "--data", str(_cifar(tmp_path / "c", [0] * 8, [0, 0])), "--batch-size", "4"]
     out = tmp_path / "run"
     with caplog.at_level(logging.ERROR):
-        assert _run(out, *flags) == EXIT_BAD_INPUT
+        assert _run(out, *flags, "--heldout-images", "0") == EXIT_BAD_INPUT       # counts of the whole split
     assert message in caplog.text
     assert not (out / "steps.csv").exists() and _summary(out)["exit_code"] == EXIT_BAD_INPUT
 

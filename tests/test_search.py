@@ -203,10 +203,10 @@ def test_search_through_dali(run, tmp_path, monkeypatch):
 
 
 def test_latency_budget_timed_and_from_a_table(run, tmp_path, monkeypatch):
-    """--max-latency-ms: latencies of the exported subnets timed on the CPU (cached per config), or predicted
-    from a table written by python -m engine.search.latency_table (refused for another run's spec).
-    The search itself runs on a deterministic stand-in clock (milliseconds = parameters / 10^4): a budget
-    halfway between two timings on a shared 2-core machine fell above a later timing of the max net."""
+    """--max-latency-ms: the meter times exported subnets on the CPU (cached per config); the timed search
+    then runs on a deterministic stand-in clock (milliseconds = parameters / 10^4: a budget halfway between
+    two timings on a shared 2-core machine fell above a later timing of the max net); latencies predicted
+    from a table written by python -m engine.search.latency_table (refused for another run's spec)."""
     from engine.search import costs
     from engine.search.costs import LatencyMeter
     from engine.search.latency_table import main as table_main

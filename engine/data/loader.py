@@ -47,6 +47,7 @@ def load_data(dataset: str, path: str | None, resolution: int, seed: int, auto_a
     by default fn runs here. `heldout_images` training images (None: engine.data.heldout's default) are
     held out of `train` under `seed` (engine.data.heldout), into `heldout`."""
     skipped: list[str] = []
+    bad_train: list[str] = []
     if dataset == "digits":
         if path:
             raise ValueError("--dataset digits is built in and takes no --data path")
@@ -69,8 +70,9 @@ def load_data(dataset: str, path: str | None, resolution: int, seed: int, auto_a
                         " or non-JPEG" if jpeg_only else "", skipped[0])
     else:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
-    count = heldout.default_count(kind, len(train)) if heldout_images is None else heldout_images
-    train, held = heldout.split(train, count, seed) if count else (train, None)
+    listed = len(train) + len(bad_train)                  # the split before the checks left files out
+    count = heldout.default_count(kind, listed) if heldout_images is None else heldout_images
+    train, held = heldout.split(train, count, seed, bad_train) if count else (train, None)
     return Data(datasets.SeededDataset(train, train_transform(kind, resolution, auto_augment, random_erase), seed),
                 datasets.SeededDataset(val, val_transform(kind, resolution), seed),
                 len(train.classes), kind, resolution, skipped,

@@ -65,8 +65,8 @@ def _version(pkg: str) -> str:
 
 
 def set_backend(name: str) -> None:
-    """Select the backend for all elastic layers ("auto", "torch", "triton", "cuda"). Each selection
-    announces, once per op and reason, the calls its backend does not cover."""
+    """Select the backend for all elastic layers ("auto", "torch", "triton", "cuda"). A change of backend
+    announces again, once per op and reason, the calls the new backend does not cover."""
     global _requested
     if name not in _CHOICES:
         raise ValueError(f"unknown backend {name!r}; expected one of {_CHOICES}")
@@ -74,8 +74,9 @@ def set_backend(name: str) -> None:
         ok, why = availability(name)
         if not ok:
             raise RuntimeError(f"backend {name!r} is not available: {why}")
+    if name != _requested:
+        _warned.clear()
     _requested = name
-    _warned.clear()
 
 
 def get_backend() -> str:

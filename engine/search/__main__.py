@@ -5,13 +5,15 @@ Finds the most accurate subnet within each FLOPs budget (--max-mflops) or latenc
 predicted from a --latency-table measured on the deployment device, or timed here on --latency-device at
 --latency-batch) by evolutionary search over the supernet's configs (engine/search/evolution.py), one
 evolution per budget over one shared history of measured subnets: each budget's subnet is the best of
-that whole history within the budget. A candidate's fitness is its top-1 on a seeded held-out subset of
-the TRAINING split (--heldout-images), BN re-calibrated on other training images (cached per config),
+that whole history within the budget. A candidate's fitness is its top-1 on the training images the run
+held out of training (--heldout-images; engine/search/heldout.py), BN re-calibrated on other training
+images (cached per config),
 or, with --predictor, a ridge regression fitted on measured subnets (its fit error is reported). Only
 the chosen subnets are evaluated on the validation split, once each: "val top-1" is reported apart from
 the "search top-1 (held-out)" the selection used. --compare-random random subnets per budget are
-measured on the held-out images beside it. Images stream from the run's dataset with its resolution,
-normalisation and --skip-corrupt, a batch at a time.
+measured on the held-out images beside it. Images stream from the run's dataset through the run's
+loader (torchvision or DALI, --dali/--no-dali) with its resolution, normalisation and --skip-corrupt, a
+batch at a time.
 
 Writes into the output folder (new or empty; default <run>/search-<budgets>/): front.csv and front.png
 (held-out top-1 vs cost of every measured subnet, the chosen ones marked), search.json (settings, data

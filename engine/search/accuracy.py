@@ -1,8 +1,9 @@
 """Accuracy of a subnet for the search: measured (BN re-calibrated, top-1 on held-out images), cached per
 config, or predicted by a ridge regression fitted on measured (config, accuracy) pairs.
 
-The held-out images are a seeded subset of the training split and BN statistics are re-estimated on
-other training images (engine/search/heldout.py); the validation split is kept for the chosen subnets.
+The held-out images are training images the run held out of training, and BN statistics are
+re-estimated on other training images (engine/search/heldout.py); the validation split is kept for the
+chosen subnets.
 """
 from __future__ import annotations
 

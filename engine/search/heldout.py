@@ -6,8 +6,8 @@ subset of its training split, which the supernet has seen (said in the summary).
 
 Everything streams: a loader yields batches and `OnDevice` moves one batch at a time to the device, so
 host and device memory stay bounded by a few batches whatever the split size. The loader is the run's:
-torchvision's, or with `dali` a DALI evaluation pipeline per pass (engine.data.dali; built anew for each
-pass, so a pass cut short leaves nothing behind for the next). DALI re-calibrates BN on centre-cropped
+torchvision's, or with `dali` one DALI evaluation pipeline per stream (engine.data.dali; a pass cut short
+is read to its end, so the next starts at the first image). DALI re-calibrates BN on centre-cropped
 training images: its training pipeline would draw new crops for every subnet, the torchvision path's
 fixed epoch-0 crops have no DALI counterpart.
 """
@@ -64,21 +64,29 @@ def split_train(n_train: int, heldout: int, calib: int, seed: int) -> tuple[list
 
 
 class DaliPasses:
-    """Re-iterable: each pass over `dataset` (an in-memory or ImageFolder dataset) through a new DALI
-    evaluation pipeline on `device`: (images channels-last, labels) batches."""
+    """Re-iterable: each pass is one epoch of one DALI evaluation pipeline over `dataset` (an in-memory or
+    ImageFolder dataset) on `device`: (images channels-last, labels) batches in dataset order. A pass cut
+    short is read to its end when it stops, so the next pass starts at the first image."""
 
     def __init__(self, dataset: ArrayDataset | ImageFolderDataset, kind: str, resolution: int, batch_size: int,
                  threads: int, device: torch.device) -> None:
-        self.args = dict(dataset=dataset, batch_size=batch_size, train=False, kind=kind, resolution=resolution,
-                         num_threads=threads, device_id=None if device.type != "cuda" else
-                         device.index if device.index is not None else torch.cuda.current_device())
-        self.batches = -(-len(dataset) // batch_size)
+        device_id = None if device.type != "cuda" else \
+            device.index if device.index is not None else torch.cuda.current_device()
+        self.loader = DaliLoader(dataset, batch_size, train=False, kind=kind, resolution=resolution,
+                                 num_threads=threads, device_id=device_id)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        yield from DaliLoader(**self.args)
+        finished = False
+        try:
+            yield from self.loader
+            finished = True
+        finally:
+            if not finished:
+                for _ in self.loader:
+                    pass
 
     def __len__(self) -> int:
-        return self.batches
+        return len(self.loader)
 
 
 def search_images(data: Data, heldout: int | None, calib: int, val: int | None, batch_size: int, workers: int,
@@ -91,6 +99,8 @@ def search_images(data: Data, heldout: int | None, calib: int, val: int | None, 
                            "held out (python -m engine.train --heldout-images)")
         scored, everything = data.heldout, range(len(data.heldout))   # fewer: a seeded sample, every class
         held_idx = everything if heldout is None else sorted(random.Random(seed).sample(everything, heldout))
+        if calib > len(data.train):
+            raise BadInput(f"--calib-images {calib} exceeds the {len(data.train)} training images left for training")
         calib_idx = split_train(len(data.train), 0, calib, seed)[1]
     else:
         heldout = default_count(data.kind, len(data.train)) if heldout is None else heldout

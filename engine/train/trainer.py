@@ -39,6 +39,8 @@ log = logging.getLogger("engine.train")
 RESUMABLE_DIFFERENCES = {"resume", "max_steps", "progress", "workers", "out", "backend", "log_every",
                          "max_bad_steps", "compile", "compile_backend", "cuda_graphs", "move_aside", "checkpoint_every",
                          "tune"}
+# what a checkpoint written before a setting existed was trained with
+LEGACY_SETTINGS = {"heldout_images": 0}
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -89,10 +91,11 @@ def _resume_path(resume: str | None, ckpt_path: Path) -> Path | None:
 
 def _check_same_settings(cfg: TrainConfig, state: dict, path: Path) -> None:
     """CheckpointError when the checkpoint was trained with settings this run may not change."""
-    changed = {k for k, v in cfg.to_dict().items() if state["config"].get(k) != v} - RESUMABLE_DIFFERENCES
+    trained = {**LEGACY_SETTINGS, **state["config"]}
+    changed = {k for k, v in cfg.to_dict().items() if trained.get(k) != v} - RESUMABLE_DIFFERENCES
     if changed:
         raise checkpoint.CheckpointError(f"checkpoint {path} was trained with other settings: "
-                                         + ", ".join(f"{k}={state['config'].get(k)!r}" for k in sorted(changed)))
+                                         + ", ".join(f"{k}={trained.get(k)!r}" for k in sorted(changed)))
 
 
 def checkpoint_bytes(cfg: TrainConfig) -> int:
