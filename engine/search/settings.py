@@ -44,7 +44,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--heldout-images", type=int, default=None,
                    help="held-out training images scoring subnets (default: all the run held out, python -m "
                         "engine.train --heldout-images; for a run that held none out, a seeded subset of its "
-                        "training split: 10,000 for ImageNet, a tenth otherwise)")
+                        "training split: 10,000 for ImageNet (at most a tenth), a tenth otherwise)")
     p.add_argument("--dali", action=argparse.BooleanOptionalAction, default=None,
                    help="read the images through DALI evaluation pipelines (default: as the run did)")
     p.add_argument("--calib-images", type=int, default=256, help="other training images for BN re-calibration per "

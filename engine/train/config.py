@@ -60,7 +60,8 @@ class TrainConfig:
     dali: bool = _opt(False, "DALI data pipeline (GPU decoding; CPU operators without a GPU)")
     heldout_images: int | None = _opt(None, "training images never trained on, kept for the search's fitness "
                                             "(python -m engine.search): a seeded set, as OFA does (default: "
-                                            "10,000 for imagenet, a tenth of the training split otherwise; 0: none)")
+                                            "10,000 for imagenet, at most a tenth of the tree; a tenth of the "
+                                            "training split otherwise; 0: none)")
     skip_corrupt: bool = _opt(False, "verify every image file up front and leave out unreadable ones (and, with "
                                      "--dali, non-JPEG ones) from training, BN calibration and evaluation")
     sandwich: str = _opt("sequential", "sequential or batched (all K subnets in one pass)")
