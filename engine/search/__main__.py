@@ -52,6 +52,7 @@ from engine.search.settings import check, parser
 from engine.supernet import OFAMobileNetV3, SupernetSpec
 from engine.tune import install_table
 from engine.train import checkpoint
+from engine.train.config import LEGACY_SETTINGS
 
 log = logging.getLogger("engine.search")
 
@@ -71,7 +72,8 @@ class Setup:
 
 
 def load_supernet(path: str) -> tuple[OFAMobileNetV3, dict]:
-    """The supernet of a training checkpoint (verified, on the CPU), and the run's config."""
+    """The supernet of a training checkpoint (verified, on the CPU), and the run's config (a setting the
+    checkpoint predates: what runs then did, engine.train.config.LEGACY_SETTINGS)."""
     state = checkpoint.read(path)
     try:
         model = OFAMobileNetV3(SupernetSpec(**state["arch"]))
@@ -79,7 +81,7 @@ def load_supernet(path: str) -> tuple[OFAMobileNetV3, dict]:
     except (TypeError, ValueError, RuntimeError) as err:
         raise checkpoint.CheckpointError(f"checkpoint {path} is not an OFA-MobileNetV3 supernet of this engine "
                                          f"({str(err).splitlines()[0][:200]})") from err
-    return model, state["config"]
+    return model, {**LEGACY_SETTINGS, **state["config"]}
 
 
 def setup(args: argparse.Namespace) -> Setup:
@@ -90,12 +92,13 @@ def setup(args: argparse.Namespace) -> Setup:
     skip = run_cfg.get("skip_corrupt", False) if args.skip_corrupt is None else args.skip_corrupt
     workers = run_cfg.get("workers", 0) if args.workers is None else args.workers
     dali = run_cfg.get("dali", False) if args.dali is None else args.dali
-    if dali and not dali_available()[0]:
-        raise BadInput(f"--dali (the run's loader unless --no-dali): {dali_available()[1]}")
+    available, why = dali_available()
+    if dali and not available:
+        raise BadInput(f"--dali (the run's loader unless --no-dali): {why}")
     try:
         data = load_data(run_cfg["dataset"], args.data or run_cfg.get("data"), run_cfg["resolution"], run_cfg["seed"],
                          skip_corrupt=skip, jpeg_only=dali, workers=max(workers, 4),
-                         heldout_images=run_cfg.get("heldout_images", 0))
+                         heldout_images=run_cfg["heldout_images"])
     except ValueError as err:
         raise BadInput(str(err)) from err
     images = search_images(data, args.heldout_images, args.calib_images, args.eval_images, args.batch_size, workers,

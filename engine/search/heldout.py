@@ -58,7 +58,9 @@ def split_train(n_train: int, heldout: int, calib: int, seed: int) -> tuple[list
     """Disjoint (held-out, calibration) index lists drawn by a `seed`ed permutation of the training split;
     BadInput when they do not fit in it."""
     if heldout + calib > n_train:
-        raise BadInput(f"--heldout-images {heldout} + --calib-images {calib} exceed the {n_train} training images")
+        asked = f"--heldout-images {heldout} + --calib-images {calib} exceed" if heldout else \
+            f"--calib-images {calib} exceeds"
+        raise BadInput(f"{asked} the {n_train} training images")
     order = random.Random(seed).sample(range(n_train), heldout + calib)
     return sorted(order[:heldout]), sorted(order[heldout:heldout + calib])
 
@@ -99,8 +101,6 @@ def search_images(data: Data, heldout: int | None, calib: int, val: int | None, 
                            "held out (python -m engine.train --heldout-images)")
         scored, everything = data.heldout, range(len(data.heldout))   # fewer: a seeded sample, every class
         held_idx = everything if heldout is None else sorted(random.Random(seed).sample(everything, heldout))
-        if calib > len(data.train):
-            raise BadInput(f"--calib-images {calib} exceeds the {len(data.train)} training images left for training")
         calib_idx = split_train(len(data.train), 0, calib, seed)[1]
     else:
         heldout = default_count(data.kind, len(data.train)) if heldout is None else heldout

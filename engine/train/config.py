@@ -97,6 +97,9 @@ class TrainConfig:
         return asdict(self)
 
 
+# what a checkpoint written before a setting existed was trained with
+LEGACY_SETTINGS: dict[str, Any] = {"heldout_images": 0}
+
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     # built-in default: a few CPU minutes. The 8x8 scans are upscaled to 16 px (32 px adds no
     # information and costs 4x); T and W scaled down from the method's ~55% / 5 epochs

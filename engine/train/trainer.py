@@ -24,7 +24,7 @@ from engine.supernet import OFAMobileNetV3, SupernetSpec, arch
 from engine.train import checkpoint, preflight, run_dir
 from engine.train.batched import BatchedSandwich, batched_step
 from engine.train.compile import Compiler, eager
-from engine.train.config import TrainConfig, validate
+from engine.train.config import LEGACY_SETTINGS, TrainConfig, validate
 from engine.train.checkpoint import write_error_cause
 from engine.train.distributed import any_rank, from_rank0, init_distributed, kill_for_test, ranks_agree, together
 from engine.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, BadInput, DataFailed, WriteFailed
@@ -39,8 +39,6 @@ log = logging.getLogger("engine.train")
 RESUMABLE_DIFFERENCES = {"resume", "max_steps", "progress", "workers", "out", "backend", "log_every",
                          "max_bad_steps", "compile", "compile_backend", "cuda_graphs", "move_aside", "checkpoint_every",
                          "tune"}
-# what a checkpoint written before a setting existed was trained with
-LEGACY_SETTINGS = {"heldout_images": 0}
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
